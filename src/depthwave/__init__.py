@@ -1,0 +1,1 @@
+"""depthwave: fast, faithful inference for recurrent-depth language models."""

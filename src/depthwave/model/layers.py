@@ -1,0 +1,133 @@
+"""The building blocks of a Huginn recurrent-depth model: RMSNorm, interleaved-pair RoPE, attention with a
+learned q/k bias, gated MLP, and the sandwich block with its four norms.
+
+Module and parameter names match the official checkpoint keys (`norm_1`, `attn.Wqkv`, `attn.qk_bias`, ...), so a
+state dict loads without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from depthwave.model.cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32, round back to the activation dtype, and only then scale: the reference's order,
+        # which decides the last bits in bf16.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def rope_tables(head_dim: int, max_positions: int, base: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles, each [max_positions, head_dim/2], fp32."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)[: head_dim // 2] / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim (GPT-J convention, every dim rotates), in fp32.
+
+    `cos`/`sin` must broadcast against x's shape with the last dim halved."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2).to(x.dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    """Softmax attention of q [B,H,S,h] over k, v [B,H,T,h]; `mask` is a boolean [S,T] (True = attend)."""
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        # CPU SDPA is several times slower than a plain matmul + softmax in bf16/fp16.
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+        if is_causal:
+            s, t = scores.shape[-2:]
+            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, qk_bias: bool) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.Wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.qk_bias = nn.Parameter(torch.zeros(2, 1, n_heads, self.head_dim)) if qk_bias else None
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        slot: int,
+        start: int,
+        mask: Tensor | None,
+        is_causal: bool,
+    ) -> Tensor:
+        batch, seq, dim = x.shape
+        qkv = F.linear(x, self.Wqkv.weight).view(batch, seq, 3, self.n_heads, self.head_dim)
+        qk = qkv[:, :, :2]
+        if self.qk_bias is not None:
+            qk = qk + self.qk_bias.view(2, self.n_heads, self.head_dim)
+        qk = apply_rope(qk, cos, sin)
+        q = qk[:, :, 0].transpose(1, 2)
+        k = qk[:, :, 1].transpose(1, 2)
+        v = qkv[:, :, 2].transpose(1, 2)
+        if cache is not None:
+            k, v = cache.write(slot, start, k, v)
+        out = attention(q, k, v, mask, is_causal)
+        return F.linear(out.transpose(1, 2).reshape(batch, seq, dim), self.proj.weight)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, 2 * hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = F.linear(x, self.fc.weight).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.proj.weight)
+
+
+class SandwichBlock(nn.Module):
+    """Pre-norms on the branch inputs and post-norms on the residual stream itself after each branch."""
+
+    def __init__(self, dim: int, n_heads: int, hidden: int, eps: float, qk_bias: bool) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(dim, eps)
+        self.attn = CausalSelfAttention(dim, n_heads, qk_bias)
+        self.norm_2 = RMSNorm(dim, eps)
+        self.mlp = GatedMLP(dim, hidden)
+        self.norm_3 = RMSNorm(dim, eps)
+        self.norm_4 = RMSNorm(dim, eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        slot: int,
+        start: int,
+        mask: Tensor | None,
+        is_causal: bool,
+    ) -> Tensor:
+        x = self.norm_2(x + self.attn(self.norm_1(x), cos, sin, cache, slot, start, mask, is_causal))
+        return self.norm_4(x + self.mlp(self.norm_3(x)))

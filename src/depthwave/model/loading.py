@@ -1,0 +1,184 @@
+"""Loading a checkpoint in the official Hugging Face layout: `config.json` + `model.safetensors` (or a sharded
+safetensors index), from a local folder or, when the folder is not local, from the Hugging Face hub."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from depthwave.errors import CheckpointError
+from depthwave.model.config import HuginnConfig
+from depthwave.model.model import RecurrentDepthModel
+
+# The RoPE table the reference stores as a persistent buffer; depthwave recomputes it in fp32.
+IGNORED_KEYS = frozenset({"freqs_cis"})
+TIED_KEYS = ("transformer.wte.weight", "lm_head.weight")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_dir(path_or_id: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (or found in the local hub cache)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if path.exists():
+        raise CheckpointError(f"{text} is a file; expected a model folder with config.json and model.safetensors")
+    if not _HUB_ID.match(text):
+        raise CheckpointError(f"no model folder at {text} (and it is not a Hugging Face hub id like 'owner/name')")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise CheckpointError(f"{text} is not a local folder and huggingface_hub is not importable: {exc}") from None
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{text} is not a local folder and could not be fetched from the Hugging Face hub: the hub is "
+            "unreachable (offline) and the model is not in the local hub cache; pass a local folder instead"
+        ) from None
+    except Exception as exc:  # network errors, unknown repo, gated repo, ...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"could not fetch {text} from the Hugging Face hub: {reason}") from None
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Map every tensor key to the safetensors file that holds it."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from None
+        files = {key: folder / name for key, name in weight_map.items()}
+        for missing in sorted({p for p in files.values() if not p.is_file()}):
+            raise CheckpointError(f"{index} names shard {missing.name}, which is not in {folder}")
+        return files
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+
+
+def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(set(files.values())):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if files.get(key) == path:
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _check_keys(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], tied: bool, source: Path
+) -> None:
+    problems: list[str] = []
+    expected = dict(expected)
+    if tied:
+        # The tied matrix may be stored under either name, or both.
+        present = [k for k in TIED_KEYS if k in found]
+        for key in TIED_KEYS:
+            if key not in present:
+                expected.pop(key)
+        if not present:
+            problems.append(
+                f"missing: {TIED_KEYS[0]} (or {TIED_KEYS[1]}), expected shape {list(expected.pop(TIED_KEYS[0]))}"
+            )
+            expected.pop(TIED_KEYS[1], None)
+    for key, shape in expected.items():
+        if key not in found:
+            problems.append(f"missing: {key}, expected shape {list(shape)}")
+        elif found[key] != shape:
+            problems.append(f"wrong shape: {key}, expected {list(shape)}, found {list(found[key])}")
+    for key in sorted(set(found) - set(expected) - IGNORED_KEYS):
+        problems.append(f"unexpected: {key}, shape {list(found[key])}")
+    if problems:
+        lines = "\n  ".join(problems)
+        raise CheckpointError(f"checkpoint {source} does not match its config.json ({len(problems)} problems):\n  {lines}")
+
+
+def load_model(
+    path_or_id: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+) -> RecurrentDepthModel:
+    """Load a recurrent-depth checkpoint in eval mode.
+
+    `dtype` defaults to the config's `torch_dtype`. Tensors are read one at a time from the memory-mapped files
+    and converted straight into the model, so no second full copy of the weights is made."""
+    folder = resolve_model_dir(path_or_id, revision)
+    config = HuginnConfig.from_json(folder / "config.json")
+    target_dtype = resolve_dtype(dtype, config)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = RecurrentDepthModel(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    files = checkpoint_files(folder)
+    found = _shapes(files)
+    _check_keys(expected, found, config.tie_embeddings, folder)
+
+    state: dict[str, torch.Tensor] = {}
+    for path, keys in _group_by_file(files, found.keys() - IGNORED_KEYS):
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for key in keys:
+                state[key] = f.get_tensor(key).to(target_dtype)
+    if config.tie_embeddings:
+        _merge_tied(state)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.reset_rope(device)
+    return model.eval().requires_grad_(False)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, config: HuginnConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = config.torch_dtype if dtype in (None, "auto") else dtype
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[name]
+
+
+def _group_by_file(files: dict[str, Path], keys: Iterable[str]) -> list[tuple[Path, list[str]]]:
+    groups: dict[Path, list[str]] = {}
+    for key in sorted(keys):
+        groups.setdefault(files[key], []).append(key)
+    return list(groups.items())
+
+
+def _merge_tied(state: dict[str, torch.Tensor]) -> None:
+    embedding, head = (state.pop(k, None) for k in TIED_KEYS)
+    if embedding is not None and head is not None and not torch.equal(embedding, head):
+        raise CheckpointError(
+            "config.json ties the embeddings (tie_embeddings) but the checkpoint's lm_head.weight differs "
+            "from transformer.wte.weight"
+        )
+    state[TIED_KEYS[0]] = embedding if embedding is not None else head  # type: ignore[assignment]
+
+
+def save_model(model: RecurrentDepthModel, folder: str | Path) -> Path:
+    """Write `config.json` + `model.safetensors` in the official layout (tied embedding stored once)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        state.pop(TIED_KEYS[1])
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
