@@ -1,1 +1,36 @@
 """depthwave: fast, faithful inference for recurrent-depth language models."""
+
+from depthwave.errors import (
+    CheckpointError,
+    ConfigError,
+    DepthwaveError,
+    InvalidParameterError,
+    PromptError,
+)
+from depthwave.llm import LLM
+from depthwave.model import HuginnConfig, KVCache, RecurrentDepthModel, load_model, random_model, save_model
+from depthwave.model.tokenizer import Tokenizer, load_tokenizer
+from depthwave.samplers import GenerationResult, SamplingParams, StaticParams, StaticSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM",
+    "CheckpointError",
+    "ConfigError",
+    "DepthwaveError",
+    "GenerationResult",
+    "HuginnConfig",
+    "InvalidParameterError",
+    "KVCache",
+    "PromptError",
+    "RecurrentDepthModel",
+    "SamplingParams",
+    "StaticParams",
+    "StaticSampler",
+    "Tokenizer",
+    "load_model",
+    "load_tokenizer",
+    "random_model",
+    "save_model",
+]

@@ -46,9 +46,8 @@ class KVCache:
             raise InvalidParameterError(
                 f"cache max_length must be in [1, block_size={config.block_size}], got {max_length}"
             )
-        if mode == "per-step":
-            if max_steps is None or max_steps < 1:
-                raise InvalidParameterError(f"a per-step cache needs max_steps >= 1, got {max_steps}")
+        if mode == "per-step" and (max_steps is None or max_steps < 1):
+            raise InvalidParameterError(f"a per-step cache needs max_steps >= 1, got {max_steps}")
         self.mode = mode
         self.max_steps = max_steps if mode == "per-step" else None
         self.max_length = max_length

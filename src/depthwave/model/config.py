@@ -64,8 +64,16 @@ class HuginnConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("n_embd", "n_heads", "intermediate_size", "vocab_size", "block_size",
-                     "n_layers_in_recurrent_block", "mean_recurrence", "mean_backprop_depth"):
+        for name in (
+            "n_embd",
+            "n_heads",
+            "intermediate_size",
+            "vocab_size",
+            "block_size",
+            "n_layers_in_recurrent_block",
+            "mean_recurrence",
+            "mean_backprop_depth",
+        ):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("n_layers_in_prelude", "n_layers_in_coda"):
             _check_int(name, getattr(self, name), minimum=0)
@@ -77,9 +85,7 @@ class HuginnConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"config field '{name}' must be a positive number, got {value!r}")
         if self.n_embd % self.n_heads:
-            raise ConfigError(
-                f"config field 'n_heads' = {self.n_heads} does not divide 'n_embd' = {self.n_embd}"
-            )
+            raise ConfigError(f"config field 'n_heads' = {self.n_heads} does not divide 'n_embd' = {self.n_embd}")
         if (self.n_embd // self.n_heads) % 2:
             raise ConfigError(
                 f"head dim n_embd/n_heads = {self.n_embd // self.n_heads} must be even: RoPE rotates pairs"
@@ -111,8 +117,9 @@ class HuginnConfig:
     @property
     def effective_expected_depth(self) -> int:
         """Layer applications per token at `mean_recurrence`: P + r·R + C."""
-        return (self.n_layers_in_prelude + self.n_layers_in_coda
-                + self.n_layers_in_recurrent_block * self.mean_recurrence)
+        return (
+            self.n_layers_in_prelude + self.n_layers_in_coda + self.n_layers_in_recurrent_block * self.mean_recurrence
+        )
 
     @property
     def init_std(self) -> float:
@@ -154,22 +161,21 @@ class HuginnConfig:
                 values[name] = value
             else:
                 extra[key] = value
-        # The derived fields the reference writes (head_dim, init_values, ...) are recomputed, but a stored
-        # head_dim that disagrees would mean a layout we do not implement.
-        stored_head_dim = extra.get("head_dim")
-        if stored_head_dim is not None and "n_embd" in values and "n_heads" in values:
-            n_embd, n_heads = values["n_embd"], values["n_heads"]
-            if isinstance(n_embd, int) and isinstance(n_heads, int) and n_heads and stored_head_dim != n_embd // n_heads:
-                raise ConfigError(
-                    f"config field 'head_dim' = {stored_head_dim!r} differs from n_embd/n_heads = {n_embd // n_heads}"
-                )
         if "rope_base" in values and isinstance(values["rope_base"], int) and not isinstance(values["rope_base"], bool):
             values["rope_base"] = float(values["rope_base"])
         if "test_time_noise" in values and values["test_time_noise"] is not None:
             values["test_time_noise"] = float(values["test_time_noise"])
         if values.get("torch_dtype") is None:
             values.pop("torch_dtype", None)
-        return cls(**values, extra=extra)
+        config = cls(**values, extra=extra)
+        # The derived fields the reference writes (head_dim, init_values, ...) are recomputed, but a stored
+        # head_dim that disagrees would mean a layout we do not implement.
+        stored_head_dim = extra.get("head_dim")
+        if stored_head_dim is not None and stored_head_dim != config.head_dim:
+            raise ConfigError(
+                f"config field 'head_dim' = {stored_head_dim!r} differs from n_embd/n_heads = {config.head_dim}"
+            )
+        return config
 
     @classmethod
     def from_json(cls, path: str | Path) -> HuginnConfig:
@@ -195,8 +201,12 @@ class HuginnConfig:
             head_dim=self.head_dim,
             tie_word_embeddings=self.tie_embeddings,
             effective_expected_depth=self.effective_expected_depth,
-            init_values={"std": self.init_std, "out_proj": self.out_proj_std, "embedding": self.init_std,
-                         "embed_scale": self.embed_scale},
+            init_values={
+                "std": self.init_std,
+                "out_proj": self.out_proj_std,
+                "embedding": self.init_std,
+                "embed_scale": self.embed_scale,
+            },
         )
         return out
 

@@ -30,7 +30,9 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
-def rope_tables(head_dim: int, max_positions: int, base: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+def rope_tables(
+    head_dim: int, max_positions: int, base: float, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotation angles, each [max_positions, head_dim/2], fp32."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)[: head_dim // 2] / head_dim)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)

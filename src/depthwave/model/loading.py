@@ -87,15 +87,12 @@ def _check_keys(
     expected = dict(expected)
     if tied:
         # The tied matrix may be stored under either name, or both.
-        present = [k for k in TIED_KEYS if k in found]
+        shape = expected[TIED_KEYS[0]]
         for key in TIED_KEYS:
-            if key not in present:
+            if key not in found:
                 expected.pop(key)
-        if not present:
-            problems.append(
-                f"missing: {TIED_KEYS[0]} (or {TIED_KEYS[1]}), expected shape {list(expected.pop(TIED_KEYS[0]))}"
-            )
-            expected.pop(TIED_KEYS[1], None)
+        if not any(k in found for k in TIED_KEYS):
+            problems.append(f"missing: {TIED_KEYS[0]} (or {TIED_KEYS[1]}), expected shape {list(shape)}")
     for key, shape in expected.items():
         if key not in found:
             problems.append(f"missing: {key}, expected shape {list(shape)}")
@@ -105,7 +102,9 @@ def _check_keys(
         problems.append(f"unexpected: {key}, shape {list(found[key])}")
     if problems:
         lines = "\n  ".join(problems)
-        raise CheckpointError(f"checkpoint {source} does not match its config.json ({len(problems)} problems):\n  {lines}")
+        raise CheckpointError(
+            f"checkpoint {source} does not match its config.json ({len(problems)} problems):\n  {lines}"
+        )
 
 
 def load_model(

@@ -47,16 +47,30 @@ class SamplingParams:
         _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
         _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
         _require(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
-        _require(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-                 "repetition_penalty", self.repetition_penalty, "> 0")
-        _require(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-                 "max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        _require(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-                 "stop_token_ids", list(self.stop_token_ids), "non-negative integers")
-        _require(self.seed is None or (_is_int(self.seed) and self.seed >= 0), "seed", self.seed,
-                 "None or an integer >= 0")
-        _require(self.top_p_rule in ("standard", "reference"), "top_p_rule", self.top_p_rule,
-                 "'standard' or 'reference'")
+        _require(
+            _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "> 0",
+        )
+        _require(
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+            "max_new_tokens",
+            self.max_new_tokens,
+            "an integer >= 1",
+        )
+        _require(
+            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            list(self.stop_token_ids),
+            "non-negative integers",
+        )
+        _require(
+            self.seed is None or (_is_int(self.seed) and self.seed >= 0), "seed", self.seed, "None or an integer >= 0"
+        )
+        _require(
+            self.top_p_rule in ("standard", "reference"), "top_p_rule", self.top_p_rule, "'standard' or 'reference'"
+        )
 
     @property
     def greedy(self) -> bool:
@@ -210,14 +224,17 @@ class Sampler(ABC):
 
     name: str
 
-    def __init__(self, model: RecurrentDepthModel, tokenizer: Tokenizer | None = None,
-                 default_stop_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self, model: RecurrentDepthModel, tokenizer: Tokenizer | None = None, default_stop_ids: Sequence[int] = ()
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.default_stop_ids = tuple(default_stop_ids)
 
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         stream = self.stream(prompt_ids, params)
@@ -233,8 +250,7 @@ class Sampler(ABC):
         return GenerationStream(self._generate(prompt, params))
 
     @abstractmethod
-    def _generate(self, prompt: list[int], params: SamplingParams) -> Generator[int, None, GenerationResult]:
-        ...
+    def _generate(self, prompt: list[int], params: SamplingParams) -> Generator[int, None, GenerationResult]: ...
 
     # ---- helpers for subclasses -----------------------------------------------------------------------------
     def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
@@ -253,7 +269,9 @@ class Sampler(ABC):
         return prompt
 
     def stop_ids(self, params: SamplingParams) -> frozenset[int]:
-        return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.default_stop_ids))
+        return frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else frozenset(self.default_stop_ids)
+        )
 
     def token_budget(self, prompt: list[int], params: SamplingParams) -> int:
         """Tokens to generate at most: max_new_tokens, or fewer where the model's context ends first."""

@@ -63,13 +63,22 @@ class StaticSampler(Sampler):
         device = model.device
 
         # Every generated token but the last is fed back, so the cache never needs more than this.
-        cache = KVCache(model.config, len(prompt) + budget - 1 if budget > 1 else len(prompt), cfg.cache_mode,
-                        num_steps, device=device, dtype=model.dtype)
+        cache = KVCache(
+            model.config,
+            len(prompt) + budget - 1 if budget > 1 else len(prompt),
+            cfg.cache_mode,
+            num_steps,
+            device=device,
+            dtype=model.dtype,
+        )
         tokens = torch.empty(len(prompt) + budget, dtype=torch.long, device=device)
         tokens[: len(prompt)] = torch.tensor(prompt, device=device)
         generated: list[int] = []
-        stats = GenerationStats(prompt_tokens=len(prompt), cache_bytes=cache.allocated_bytes,
-                                cache_bytes_per_position=cache.bytes_per_position)
+        stats = GenerationStats(
+            prompt_tokens=len(prompt),
+            cache_bytes=cache.allocated_bytes,
+            cache_bytes_per_position=cache.bytes_per_position,
+        )
         watch = Stopwatch(device)
 
         position, warm = 0, None

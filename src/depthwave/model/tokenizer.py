@@ -1,0 +1,106 @@
+"""The tokenizer of a model folder: `tokenizer.json` (the `tokenizers` library), the chat template from
+`tokenizer_config.json`, and the stop tokens from `generation_config.json`, `config.json` and the special tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from depthwave.errors import CheckpointError
+from depthwave.model.config import HuginnConfig
+
+# Tokens the Huginn reference always treats as stops (begin_text, end_text, end_turn), named so that any
+# tokenizer that defines them gets the same behaviour.
+HUGINN_STOP_TOKENS = ("<|begin_text|>", "<|end_text|>", "<|end_turn|>")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json spells special tokens either as strings or as AddedToken objects."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+class Tokenizer:
+    def __init__(self, folder: str | Path) -> None:
+        from tokenizers import Tokenizer as FastTokenizer
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        try:
+            self._tok = FastTokenizer.from_file(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}") from None
+        self.config = _read_json(folder / "tokenizer_config.json")
+        self.chat_template: str | None = self.config.get("chat_template")
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise CheckpointError("this tokenizer has no chat_template in tokenizer_config.json")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise CheckpointError(f"chat template error: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+
+def load_tokenizer(folder: str | Path) -> Tokenizer | None:
+    """The folder's tokenizer, or None when it ships none (e.g. test checkpoints that work on raw token ids)."""
+    folder = Path(folder)
+    return Tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+
+
+def default_stop_ids(folder: str | Path, config: HuginnConfig, tokenizer: Tokenizer | None) -> list[int]:
+    """Stop tokens: generation_config.json's eos_token_id (int or list), else config.json's, plus the tokenizer's
+    eos token and the Huginn end/begin-of-text and end-of-turn tokens where the tokenizer defines them."""
+    folder = Path(folder)
+    generation = _read_json(folder / "generation_config.json")
+    stops = _ids(generation.get("eos_token_id")) or config.eos_ids
+    if tokenizer is not None:
+        for name in (tokenizer.eos_token, *HUGINN_STOP_TOKENS):
+            token_id = tokenizer.token_to_id(name) if name else None
+            if token_id is not None:
+                stops.append(token_id)
+    return sorted(set(stops))

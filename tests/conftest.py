@@ -1,0 +1,49 @@
+"""Shared test helpers. Parity data lives in ../shared/fixtures beside the clone (CI has it there)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from depthwave.model import HuginnConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURES = SHARED / "fixtures"
+REFERENCE_FIXTURES = ["reference-tiny-a", "reference-huginn-layout-a"]
+
+
+def fixture_dir(name: str) -> Path:
+    path = FIXTURES / name
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"reference fixture {name} not found at {path} (../shared beside the clone is absent)")
+    return path
+
+
+def fixture_json(name: str, file: str) -> Any:
+    return json.loads((fixture_dir(name) / file).read_text())
+
+
+@pytest.fixture(params=REFERENCE_FIXTURES)
+def reference(request: pytest.FixtureRequest) -> Path:
+    return fixture_dir(request.param)
+
+
+def micro_config(**overrides: Any) -> HuginnConfig:
+    """A 2/4/2 model small enough for fast tests."""
+    values: dict[str, Any] = dict(
+        n_embd=64,
+        n_heads=4,
+        intermediate_size=128,
+        vocab_size=512,
+        block_size=256,
+        n_layers_in_prelude=2,
+        n_layers_in_recurrent_block=4,
+        n_layers_in_coda=2,
+        mean_recurrence=4,
+        torch_dtype="float32",
+    )
+    values.update(overrides)
+    return HuginnConfig(**values)
