@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ import pytest
 
 from depthwave.model import HuginnConfig
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# DEPTHWAVE_SHARED points elsewhere when the shared folder cannot sit beside the clone (e.g. on a GPU machine).
+SHARED = Path(os.environ.get("DEPTHWAVE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 FIXTURES = SHARED / "fixtures"
 REFERENCE_FIXTURES = ["reference-tiny-a", "reference-huginn-layout-a"]
 

@@ -140,7 +140,7 @@ def test_save_and_load_round_trip_in_both_dtypes(tmp_path: Path) -> None:
     expected = model(IDS, num_steps=2, init_scale=0.0).logits
     torch.testing.assert_close(_logits_at(tmp_path, torch.float32), expected, atol=0, rtol=0)
     bf16 = load_model(tmp_path, dtype="bfloat16")
-    assert bf16.dtype == torch.bfloat16 and bf16.rope_cos.dtype == torch.float32
+    assert bf16.dtype == torch.bfloat16 and bf16.rope.dtype == torch.complex64
     torch.testing.assert_close(bf16(IDS, num_steps=2, init_scale=0.0).logits, expected, atol=0.15, rtol=0.05)
     with pytest.raises(CheckpointError, match="unknown dtype 'int8'"):
         load_model(tmp_path, dtype="int8")

@@ -25,33 +25,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32, round back to the activation dtype, and only then scale: the reference's order,
-        # which decides the last bits in bf16.
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        # The reference normalises in fp32, rounds back to the activation dtype and only then scales. rms_norm
+        # without a weight computes in fp32 internally and rounds its output, so it gives the same bits in one op.
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
-def rope_tables(
-    head_dim: int, max_positions: int, base: float, device: torch.device | None = None
-) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles, each [max_positions, head_dim/2], fp32."""
+def rope_table(head_dim: int, max_positions: int, base: float, device: torch.device | str | None = None) -> Tensor:
+    """Unit complex rotations e^(i·t·w_k), [max_positions, head_dim/2] complex64, w_k = base^(-2k/head_dim)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)[: head_dim // 2] / head_dim)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim (GPT-J convention, every dim rotates), in fp32.
-
-    `cos`/`sin` must broadcast against x's shape with the last dim halved."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2).to(x.dtype)
+def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim (GPT-J convention, every dim rotates) in fp32, as
+    complex products (a + ib)(cos + i sin). `rotation` must broadcast against x's shape with the last dim halved."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
     """Softmax attention of q [B,H,S,h] over k, v [B,H,T,h]; `mask` is a boolean [S,T] (True = attend)."""
-    if q.device.type == "cpu" and q.dtype != torch.float32:
-        # CPU SDPA is several times slower than a plain matmul + softmax in bf16/fp16.
+    if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] > 1:
+        # On CPU, SDPA in bf16/fp16 is several times slower than a plain matmul + softmax for many queries
+        # (for a single query it is the faster of the two).
         scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
         if is_causal:
             s, t = scores.shape[-2:]
@@ -74,8 +71,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rotation: Tensor,
         cache: KVCache | None,
         slot: int,
         start: int,
@@ -87,7 +83,7 @@ class CausalSelfAttention(nn.Module):
         qk = qkv[:, :, :2]
         if self.qk_bias is not None:
             qk = qk + self.qk_bias.view(2, self.n_heads, self.head_dim)
-        qk = apply_rope(qk, cos, sin)
+        qk = apply_rope(qk, rotation)
         q = qk[:, :, 0].transpose(1, 2)
         k = qk[:, :, 1].transpose(1, 2)
         v = qkv[:, :, 2].transpose(1, 2)
@@ -123,13 +119,12 @@ class SandwichBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rotation: Tensor,
         cache: KVCache | None,
         slot: int,
         start: int,
         mask: Tensor | None,
         is_causal: bool,
     ) -> Tensor:
-        x = self.norm_2(x + self.attn(self.norm_1(x), cos, sin, cache, slot, start, mask, is_causal))
+        x = self.norm_2(x + self.attn(self.norm_1(x), rotation, cache, slot, start, mask, is_causal))
         return self.norm_4(x + self.mlp(self.norm_3(x)))

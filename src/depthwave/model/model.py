@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from depthwave.errors import PromptError
 from depthwave.model.cache import KVCache
 from depthwave.model.config import HuginnConfig
-from depthwave.model.layers import RMSNorm, SandwichBlock, rope_tables
+from depthwave.model.layers import RMSNorm, SandwichBlock, rope_table
 
 
 @dataclass
@@ -54,15 +54,20 @@ class RecurrentDepthModel(nn.Module):
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        self.rope_cos: Tensor
-        self.rope_sin: Tensor
+        self.rope: Tensor
         self.reset_rope()
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the RoPE tables in fp32; loading ignores any stored table."""
-        cos, sin = rope_tables(self.config.head_dim, self.config.block_size, self.config.rope_base, device)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        """(Re)compute the RoPE table; loading ignores any stored table. It is a plain attribute, not a buffer, so
+        that casting the model to bf16 leaves it complex64, and `_apply` rebuilds it on the model's device."""
+        self.rope = rope_table(self.config.head_dim, self.config.block_size, self.config.rope_base, device)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        weight = self.transformer.wte.weight
+        if weight.device.type != "meta" and self.rope.device != weight.device:
+            self.reset_rope(weight.device)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -73,11 +78,9 @@ class RecurrentDepthModel(nn.Module):
         return self.transformer.wte.weight.dtype
 
     # ---- stages ---------------------------------------------------------------------------------------------
-    def _rope(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+    def _rope(self, start: int, length: int) -> Tensor:
         # [S, 1, 1, h/2]: broadcasts over the (q|k) and head axes of [B, S, 2, H, h/2].
-        cos = self.rope_cos[start : start + length, None, None]
-        sin = self.rope_sin[start : start + length, None, None]
-        return cos, sin
+        return self.rope[start : start + length, None, None]
 
     def _mask(self, start: int, length: int) -> tuple[Tensor | None, bool]:
         """Causal mask aligned to the lower-right corner: query i (position start+i) sees keys 0..start+i."""
@@ -104,12 +107,12 @@ class RecurrentDepthModel(nn.Module):
         With a cache, the positions up to start+S are from now on part of it (`cache.length`)."""
         length = input_ids.shape[1]
         self.check_positions(start, length)
-        cos, sin = self._rope(start, length)
+        rotation = self._rope(start, length)
         mask, is_causal = self._mask(start, length)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.transformer.prelude):
             slot = cache.prelude_slot(i) if cache is not None else 0
-            x = layer(x, cos, sin, cache, slot, start, mask, is_causal)
+            x = layer(x, rotation, cache, slot, start, mask, is_causal)
         if cache is not None:
             cache.length = start + length
         return x
@@ -134,16 +137,15 @@ class RecurrentDepthModel(nn.Module):
     ) -> Tensor:
         """One recurrence: adapter on [state, e], then the R core layers. `step` picks per-step cache slots."""
         length = state.shape[1]
-        cos, sin = self._rope(start, length)
+        rotation = self._rope(start, length)
         mask, is_causal = self._mask(start, length)
-        return self._core(state, embedded, cos, sin, mask, is_causal, start, cache, step)
+        return self._core(state, embedded, rotation, mask, is_causal, start, cache, step)
 
     def _core(
         self,
         state: Tensor,
         embedded: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rotation: Tensor,
         mask: Tensor | None,
         is_causal: bool,
         start: int,
@@ -153,7 +155,7 @@ class RecurrentDepthModel(nn.Module):
         x = self.transformer.adapter(torch.cat((state, embedded), dim=-1))
         for j, layer in enumerate(self.transformer.core_block):
             slot = cache.core_slot(step, j) if cache is not None else 0
-            x = layer(x, cos, sin, cache, slot, start, mask, is_causal)
+            x = layer(x, rotation, cache, slot, start, mask, is_causal)
         return x
 
     def recur(
@@ -167,10 +169,10 @@ class RecurrentDepthModel(nn.Module):
     ) -> Tensor:
         """`num_steps` core steps on the same positions (rope and mask built once)."""
         length = state.shape[1]
-        cos, sin = self._rope(start, length)
+        rotation = self._rope(start, length)
         mask, is_causal = self._mask(start, length)
         for step in range(first_step, first_step + num_steps):
-            state = self._core(state, embedded, cos, sin, mask, is_causal, start, cache, step)
+            state = self._core(state, embedded, rotation, mask, is_causal, start, cache, step)
         return state
 
     def coda_logits(
@@ -180,13 +182,13 @@ class RecurrentDepthModel(nn.Module):
 
         The coda runs on every position (its K/V are needed later); `last_only` limits the head to the last."""
         length = state.shape[1]
-        cos, sin = self._rope(start, length)
+        rotation = self._rope(start, length)
         mask, is_causal = self._mask(start, length)
         latents = self.transformer.ln_f(state)
         x = latents
         for i, layer in enumerate(self.transformer.coda):
             slot = cache.coda_slot(i) if cache is not None else 0
-            x = layer(x, cos, sin, cache, slot, start, mask, is_causal)
+            x = layer(x, rotation, cache, slot, start, mask, is_causal)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x)).float(), latents
