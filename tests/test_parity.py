@@ -24,20 +24,11 @@ def test_forward_logits_and_latents(name: str) -> None:
     for case in cases:
         ids = torch.tensor([prompts[case["prompt_index"]]])
         out = model(ids, num_steps=case["args"]["num_steps"], init_scale=0.0)
-        torch.testing.assert_close(
-            out.logits[0],
-            tensors[case["tensors"]["logits"]],
-            atol=ATOL,
-            rtol=0,
-            msg=lambda m, c=case: f"{c['id']} logits: {m}",
-        )
-        torch.testing.assert_close(
-            out.latents[0],
-            tensors[case["tensors"]["latent_states"]],
-            atol=ATOL,
-            rtol=0,
-            msg=lambda m, c=case: f"{c['id']} latents: {m}",
-        )
+        for ours, key in ((out.logits[0], "logits"), (out.latents[0], "latent_states")):
+            expected = tensors[case["tensors"][key]]
+            torch.testing.assert_close(
+                ours, expected, atol=ATOL, rtol=0, msg=lambda m, c=case, k=key: f"{c['id']} {k}: {m}"
+            )
         assert out.logits[0].argmax(-1).tolist() == case["argmax_token_ids"]
 
 

@@ -8,6 +8,7 @@ state dict loads without renaming.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,6 +60,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: b
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
+@dataclass(frozen=True)
+class Span:
+    """The positions start..start+length-1 that one call processes, with what every layer of the call shares:
+    their RoPE rotations and the causal mask against the cache (built once per call, not per layer)."""
+
+    start: int
+    rotation: Tensor
+    mask: Tensor | None
+    is_causal: bool
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, qk_bias: bool) -> None:
         super().__init__()
@@ -68,28 +80,19 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, n_heads, self.head_dim)) if qk_bias else None
 
-    def forward(
-        self,
-        x: Tensor,
-        rotation: Tensor,
-        cache: KVCache | None,
-        slot: int,
-        start: int,
-        mask: Tensor | None,
-        is_causal: bool,
-    ) -> Tensor:
+    def forward(self, x: Tensor, span: Span, cache: KVCache | None, slot: int) -> Tensor:
         batch, seq, dim = x.shape
         qkv = F.linear(x, self.Wqkv.weight).view(batch, seq, 3, self.n_heads, self.head_dim)
         qk = qkv[:, :, :2]
         if self.qk_bias is not None:
             qk = qk + self.qk_bias.view(2, self.n_heads, self.head_dim)
-        qk = apply_rope(qk, rotation)
+        qk = apply_rope(qk, span.rotation)
         q = qk[:, :, 0].transpose(1, 2)
         k = qk[:, :, 1].transpose(1, 2)
         v = qkv[:, :, 2].transpose(1, 2)
         if cache is not None:
-            k, v = cache.write(slot, start, k, v)
-        out = attention(q, k, v, mask, is_causal)
+            k, v = cache.write(slot, span.start, k, v)
+        out = attention(q, k, v, span.mask, span.is_causal)
         return F.linear(out.transpose(1, 2).reshape(batch, seq, dim), self.proj.weight)
 
 
@@ -116,15 +119,7 @@ class SandwichBlock(nn.Module):
         self.norm_3 = RMSNorm(dim, eps)
         self.norm_4 = RMSNorm(dim, eps)
 
-    def forward(
-        self,
-        x: Tensor,
-        rotation: Tensor,
-        cache: KVCache | None,
-        slot: int,
-        start: int,
-        mask: Tensor | None,
-        is_causal: bool,
-    ) -> Tensor:
-        x = self.norm_2(x + self.attn(self.norm_1(x), rotation, cache, slot, start, mask, is_causal))
+    def forward(self, x: Tensor, span: Span, cache: KVCache | None, slot: int) -> Tensor:
+        """`slot`: the cache slot this call of the block writes (a core layer has one per recurrence step)."""
+        x = self.norm_2(x + self.attn(self.norm_1(x), span, cache, slot))
         return self.norm_4(x + self.mlp(self.norm_3(x)))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from depthwave.errors import PromptError
 from depthwave.model.cache import KVCache
 from depthwave.model.config import HuginnConfig
-from depthwave.model.layers import RMSNorm, SandwichBlock, rope_table
+from depthwave.model.layers import RMSNorm, SandwichBlock, Span, rope_table
 
 
 @dataclass
@@ -78,25 +78,22 @@ class RecurrentDepthModel(nn.Module):
         return self.transformer.wte.weight.dtype
 
     # ---- stages ---------------------------------------------------------------------------------------------
-    def _rope(self, start: int, length: int) -> Tensor:
-        # [S, 1, 1, h/2]: broadcasts over the (q|k) and head axes of [B, S, 2, H, h/2].
-        return self.rope[start : start + length, None, None]
-
-    def _mask(self, start: int, length: int) -> tuple[Tensor | None, bool]:
-        """Causal mask aligned to the lower-right corner: query i (position start+i) sees keys 0..start+i."""
-        if length == 1:
-            return None, False
-        if start == 0:
-            return None, True
-        query = torch.arange(length, device=self.device)[:, None] + start
-        return torch.arange(start + length, device=self.device)[None, :] <= query, False
-
-    def check_positions(self, start: int, length: int) -> None:
+    def span(self, start: int, length: int) -> Span:
+        """Positions start..start+length-1: their rotations ([S,1,1,h/2], broadcasting over the (q|k) and head
+        axes) and a causal mask aligned to the lower-right corner (query start+i sees keys 0..start+i)."""
         if start + length > self.config.block_size:
             raise PromptError(
                 f"positions up to {start + length - 1} exceed the model's context of "
                 f"{self.config.block_size} positions (block_size)"
             )
+        rotation = self.rope[start : start + length, None, None]
+        if length == 1:
+            return Span(start, rotation, None, False)
+        if start == 0:
+            return Span(start, rotation, None, True)
+        query = torch.arange(length, device=self.device)[:, None] + start
+        mask = torch.arange(start + length, device=self.device)[None, :] <= query
+        return Span(start, rotation, mask, False)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.transformer.wte(input_ids) * self.config.embed_scale
@@ -105,16 +102,12 @@ class RecurrentDepthModel(nn.Module):
         """Embedding and prelude for the tokens at positions start..start+S-1; returns the injected embedding e.
 
         With a cache, the positions up to start+S are from now on part of it (`cache.length`)."""
-        length = input_ids.shape[1]
-        self.check_positions(start, length)
-        rotation = self._rope(start, length)
-        mask, is_causal = self._mask(start, length)
+        span = self.span(start, input_ids.shape[1])
         x = self.embed(input_ids)
         for i, layer in enumerate(self.transformer.prelude):
-            slot = cache.prelude_slot(i) if cache is not None else 0
-            x = layer(x, rotation, cache, slot, start, mask, is_causal)
+            x = layer(x, span, cache, cache.prelude_slot(i) if cache is not None else 0)
         if cache is not None:
-            cache.length = start + length
+            cache.length = start + input_ids.shape[1]
         return x
 
     def initial_state(self, like: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
@@ -127,37 +120,6 @@ class RecurrentDepthModel(nn.Module):
         nn.init.trunc_normal_(state, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
         return state.mul_(self.config.embed_scale)
 
-    def core_step(
-        self,
-        state: Tensor,
-        embedded: Tensor,
-        start: int = 0,
-        cache: KVCache | None = None,
-        step: int = 0,
-    ) -> Tensor:
-        """One recurrence: adapter on [state, e], then the R core layers. `step` picks per-step cache slots."""
-        length = state.shape[1]
-        rotation = self._rope(start, length)
-        mask, is_causal = self._mask(start, length)
-        return self._core(state, embedded, rotation, mask, is_causal, start, cache, step)
-
-    def _core(
-        self,
-        state: Tensor,
-        embedded: Tensor,
-        rotation: Tensor,
-        mask: Tensor | None,
-        is_causal: bool,
-        start: int,
-        cache: KVCache | None,
-        step: int,
-    ) -> Tensor:
-        x = self.transformer.adapter(torch.cat((state, embedded), dim=-1))
-        for j, layer in enumerate(self.transformer.core_block):
-            slot = cache.core_slot(step, j) if cache is not None else 0
-            x = layer(x, rotation, cache, slot, start, mask, is_causal)
-        return x
-
     def recur(
         self,
         state: Tensor,
@@ -167,13 +129,21 @@ class RecurrentDepthModel(nn.Module):
         cache: KVCache | None = None,
         first_step: int = 0,
     ) -> Tensor:
-        """`num_steps` core steps on the same positions (rope and mask built once)."""
-        length = state.shape[1]
-        rotation = self._rope(start, length)
-        mask, is_causal = self._mask(start, length)
+        """`num_steps` recurrences (adapter on [state, e], then the R core layers) on the same positions.
+        Recurrence t writes the cache slots `cache.core_slot(t, ·)`, t counted from `first_step`."""
+        span = self.span(start, state.shape[1])
         for step in range(first_step, first_step + num_steps):
-            state = self._core(state, embedded, rotation, mask, is_causal, start, cache, step)
+            x = self.transformer.adapter(torch.cat((state, embedded), dim=-1))
+            for j, layer in enumerate(self.transformer.core_block):
+                x = layer(x, span, cache, cache.core_slot(step, j) if cache is not None else 0)
+            state = x
         return state
+
+    def core_step(
+        self, state: Tensor, embedded: Tensor, start: int = 0, cache: KVCache | None = None, step: int = 0
+    ) -> Tensor:
+        """One recurrence; `step` picks the per-step cache slots."""
+        return self.recur(state, embedded, 1, start, cache, first_step=step)
 
     def coda_logits(
         self, state: Tensor, start: int = 0, cache: KVCache | None = None, last_only: bool = False
@@ -181,14 +151,11 @@ class RecurrentDepthModel(nn.Module):
         """ln_f, coda, ln_f, head on RAW recurrent states. Returns (fp32 logits, ln_f(state)).
 
         The coda runs on every position (its K/V are needed later); `last_only` limits the head to the last."""
-        length = state.shape[1]
-        rotation = self._rope(start, length)
-        mask, is_causal = self._mask(start, length)
+        span = self.span(start, state.shape[1])
         latents = self.transformer.ln_f(state)
         x = latents
         for i, layer in enumerate(self.transformer.coda):
-            slot = cache.coda_slot(i) if cache is not None else 0
-            x = layer(x, rotation, cache, slot, start, mask, is_causal)
+            x = layer(x, span, cache, cache.coda_slot(i) if cache is not None else 0)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x)).float(), latents
