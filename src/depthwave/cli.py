@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -55,17 +56,40 @@ class _TextStreamer:
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Option(help="Model folder or Hugging Face hub id.")],
+    model: Annotated[str, typer.Option(help="'builtin', a model folder or a Hugging Face hub id.")] = "builtin",
     prompt: Annotated[str | None, typer.Option(help="Prompt text (needs the model's tokenizer).")] = None,
     prompt_ids: Annotated[str | None, typer.Option(help="Prompt as raw token ids, e.g. '1,2,3'.")] = None,
     chat: Annotated[bool, typer.Option(help="Render the prompt with the model's chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
-    sampler: Annotated[str, typer.Option(help="Generation algorithm.")] = "static",
-    num_steps: Annotated[int | None, typer.Option(help="Recurrences per token (default: mean_recurrence).")] = None,
-    init_scale: Annotated[float, typer.Option(help="Scale of the random initial state; 0 = zeros.")] = 0.0,
-    continuous_compute: Annotated[bool, typer.Option(help="Warm-start each token from the previous latent.")] = False,
-    warm_start: Annotated[str, typer.Option(help="Latent used by continuous compute: normed|raw.")] = "normed",
-    cache_mode: Annotated[str, typer.Option(help="KV cache: per-step (reference-exact) or shared.")] = "per-step",
+    sampler: Annotated[str, typer.Option(help="static | diffusion.")] = "static",
+    # shared by the samplers (None: the sampler's own default)
+    num_steps: Annotated[int | None, typer.Option(help="Recurrences per token / of the prefill.")] = None,
+    init_scale: Annotated[float | None, typer.Option(help="Scale of random states; 0 = zeros.")] = None,
+    continuous_compute: Annotated[bool | None, typer.Option(help="Warm-start new states from earlier ones.")] = None,
+    cache_mode: Annotated[str | None, typer.Option(help="KV cache: per-step (reference 'full') | shared.")] = None,
+    # static
+    warm_start: Annotated[str | None, typer.Option(help="static: latent for continuous compute, normed|raw.")] = None,
+    # diffusion
+    inner_recurrence: Annotated[int | None, typer.Option(help="diffusion: r', recurrences per step.")] = None,
+    exit_threshold: Annotated[float | None, typer.Option(help="diffusion: ε of the latent freeze rules.")] = None,
+    momentum: Annotated[float | None, typer.Option(help="diffusion: η on the input embeddings.")] = None,
+    noise: Annotated[float | None, typer.Option(help="diffusion: β, state noise per step.")] = None,
+    dampened_noise: Annotated[bool | None, typer.Option(help="diffusion: divide noise by 1 + recurrences.")] = None,
+    sqrt_noise: Annotated[bool | None, typer.Option(help="diffusion: variance-preserving noise mixing.")] = None,
+    headway: Annotated[int | None, typer.Option(help="diffusion: new positions per step.")] = None,
+    max_wavefront: Annotated[int | None, typer.Option(help="diffusion: positions in flight (0 = no cap).")] = None,
+    freeze: Annotated[
+        str | None, typer.Option(help="diffusion: latent-diff|fixed|token-stability|latent-acceleration.")
+    ] = None,
+    full_prefill: Annotated[bool | None, typer.Option(help="diffusion: full-depth pass over the prompt first.")] = None,
+    max_sampler_steps: Annotated[int | None, typer.Option(help="diffusion: safety cap on steps.")] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="diffusion: default | reference (token-exact to the official code).")
+    ] = None,
+    trace_out: Annotated[
+        Path | None, typer.Option(help="diffusion: record a per-step trace; write PNG here and JSON beside it.")
+    ] = None,
+    # token selection
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
     top_p: Annotated[float, typer.Option(help="1 = off.")] = 1.0,
@@ -75,7 +99,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option()] = 256,
     stop_token_ids: Annotated[str | None, typer.Option(help="Extra stop token ids, e.g. '7,9'.")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Ignore the model's own stop tokens.")] = False,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling and random states.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling and random states.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (the config's), float32, bfloat16, float16.")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: tokens, text, stats.")] = False,
@@ -87,6 +111,26 @@ def generate(
 
     if (prompt is None) == (prompt_ids is None):
         _fail("give exactly one of --prompt or --prompt-ids")
+    sampler_flags = {
+        "num_steps": num_steps,
+        "init_scale": init_scale,
+        "continuous_compute": continuous_compute,
+        "cache_mode": cache_mode,
+        "warm_start": warm_start,
+        "inner_recurrence": inner_recurrence,
+        "exit_threshold": exit_threshold,
+        "momentum": momentum,
+        "noise": noise,
+        "dampened_noise": dampened_noise,
+        "sqrt_noise": sqrt_noise,
+        "headway": headway,
+        "max_wavefront": max_wavefront,
+        "freeze": freeze,
+        "full_prefill": full_prefill,
+        "max_sampler_steps": max_sampler_steps,
+        "mode": mode,
+        "trace": True if trace_out is not None else None,
+    }
     try:
         params = SamplingParams(
             temperature=temperature,
@@ -101,14 +145,7 @@ def generate(
             top_p_rule=top_p_rule,  # type: ignore[arg-type]
         )
         llm = LLM(model, device=device, dtype=dtype)
-        engine = llm.sampler(
-            sampler,
-            num_steps=num_steps,
-            init_scale=init_scale,
-            continuous_compute=continuous_compute,
-            warm_start=warm_start,
-            cache_mode=cache_mode,
-        )
+        engine = llm.sampler(sampler, **{k: v for k, v in sampler_flags.items() if v is not None})
         ids = llm.encode(
             prompt if prompt is not None else _parse_ids(prompt_ids or "", "--prompt-ids"), chat=chat, system=system
         )
@@ -117,25 +154,65 @@ def generate(
     except DepthwaveError as exc:
         _fail(str(exc))
         return
+    record = {"model": model, "sampler": sampler, **result.to_dict()}
+    if trace_out is not None:
+        trace_out.parent.mkdir(parents=True, exist_ok=True)
+        trace_out.with_suffix(".json").write_text(json.dumps(record))
+        try:
+            _render_trace(record, trace_out)
+        except DepthwaveError as exc:
+            _fail(str(exc))
     if json_output:
-        typer.echo(json.dumps({"model": model, "sampler": sampler, **result.to_dict()}))
+        typer.echo(json.dumps(record))
         return
     if streamer is None:
         typer.echo(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
     else:
         typer.echo()
     s = result.stats
+    extra = ""
+    if "sampler_steps" in s.extra:
+        extra = f"; {s.extra['sampler_steps']} sampler steps, {s.extra['tokens_per_sampler_step']:.2f} tokens/step"
     typer.echo(
         f"[{s.generated_tokens} tokens, {result.finish_reason}; prefill {s.prefill_time_s * 1e3:.1f} ms for "
         f"{s.prompt_tokens} prompt tokens; decode {s.tokens_per_s:.1f} tokens/s; "
-        f"{s.core_steps_per_token:.1f} recurrences/token; KV cache {s.cache_bytes_per_position} B/position]",
+        f"{s.core_steps_per_token:.1f} recurrences/token; KV cache {s.cache_bytes_per_position} B/position{extra}]",
         err=True,
     )
 
 
-@app.callback()
-def _root() -> None:
-    """Keeps `depthwave generate` a subcommand while there is only one command."""
+def _render_trace(record: dict[str, Any], png: Path) -> None:
+    from depthwave.viz import plot_trace
+
+    trace = record.get("stats", {}).get("extra", {}).get("trace")
+    if not trace:
+        _fail("this result holds no diffusion trace (generate with --sampler diffusion --trace-out PATH)")
+    title = f"{record.get('model', '')}: {len(record['token_ids'])} tokens in {len(trace)} sampler steps"
+    plot_trace(trace, len(record["prompt_token_ids"]), png, title)
+    typer.echo(f"wrote {png}", err=True)
+
+
+@app.command()
+def trace(
+    result: Annotated[Path, typer.Argument(help="JSON written by `generate --trace-out`.")],
+    out: Annotated[Path | None, typer.Option(help="PNG path (default: beside the JSON).")] = None,
+) -> None:
+    """Render a diffusion trace: positions by sampler steps, the wavefront moving diagonally."""
+    try:
+        record = json.loads(result.read_text())
+        _render_trace(record, out or result.with_suffix(".png"))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        _fail(f"cannot read a generation result from {result}: {exc}")
+    except DepthwaveError as exc:
+        _fail(str(exc))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def train(ctx: typer.Context) -> None:
+    """Train a recurrent-depth model with the Huginn recipe (see `depthwave train --help`)."""
+    from depthwave.train import main as train_main
+
+    raise typer.Exit(train_main(ctx.args, prog="depthwave train"))
 
 
 def main() -> None:

@@ -23,9 +23,17 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# The small model trained with the Huginn recipe that ships inside the package (see its MODEL_CARD.md).
+BUILTIN_NAME = "builtin"
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "assets" / "builtin"
+
 
 def resolve_model_dir(path_or_id: str | Path, revision: str | None = None) -> Path:
-    """A local folder as is; otherwise a hub id, downloaded (or found in the local hub cache)."""
+    """ "builtin", a local folder as is, or else a hub id, downloaded (or found in the local hub cache)."""
+    if str(path_or_id) == BUILTIN_NAME and not Path(BUILTIN_NAME).is_dir():
+        if not (BUILTIN_DIR / "model.safetensors").is_file():
+            raise CheckpointError(f"the built-in model is missing from this installation ({BUILTIN_DIR})")
+        return BUILTIN_DIR
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path

@@ -8,9 +8,12 @@ from depthwave.samplers.base import (
     SamplingParams,
     TokenSelector,
 )
+from depthwave.samplers.diffusion import DiffusionParams, DiffusionSampler
 from depthwave.samplers.static import StaticParams, StaticSampler
 
 __all__ = [
+    "DiffusionParams",
+    "DiffusionSampler",
     "GenerationResult",
     "GenerationStats",
     "GenerationStream",

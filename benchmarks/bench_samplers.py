@@ -1,0 +1,139 @@
+"""Accuracy and speed of the samplers side by side, on the built-in model's arithmetic test problems.
+
+    python benchmarks/bench_samplers.py                     # 500 problems, greedy
+    python benchmarks/bench_samplers.py --problems 50 --model runs/builtin/model
+
+Rows: static AR at r = mean_recurrence (the baseline), the diffusion forcing sampler with the paper's defaults
+(r' = 4, ε = 0.03, η = 0.1, β = 0, wavefront 128) in depthwave's default mode, and the same in reference mode.
+Every problem is run by every sampler in turn (interleaved), same prompts, one process, so machine noise hits all
+rows alike. tokens/s counts generated tokens after the first (which the prefill produces) over decode time,
+summed over problems; prefill is reported separately. The ideal speedup is the ratio of layer passes per token,
+(P + r·R + C) / (P + r'·R + C). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from depthwave.data.arithmetic import extract_answer, make_split
+from depthwave.data.tokenizer import question_prompt
+from depthwave.llm import LLM
+from depthwave.samplers import SamplingParams
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+PAPER_DIFFUSION = dict(inner_recurrence=4, exit_threshold=0.03, momentum=0.1, noise=0.0, max_wavefront=128)
+
+
+def sampler_rows(mean_recurrence: int) -> dict[str, tuple[str, dict[str, Any]]]:
+    return {
+        f"static AR r={mean_recurrence}": ("static", {"num_steps": mean_recurrence}),
+        "diffusion (default)": ("diffusion", {**PAPER_DIFFUSION, "num_steps": mean_recurrence}),
+        "diffusion (reference)": ("diffusion", {**PAPER_DIFFUSION, "num_steps": mean_recurrence, "mode": "reference"}),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--problems", type=int, default=500)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--init-scale", type=float, default=1.0, help="random initial states (seeded per problem)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_samplers.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    llm = LLM(args.model, device=args.device)
+    config = llm.model.config
+    rows = sampler_rows(config.mean_recurrence)
+    samplers = {name: llm.sampler(kind, init_scale=args.init_scale, **kw) for name, (kind, kw) in rows.items()}
+    problems = make_split("test", args.problems, seed=0)
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
+
+    began = time.perf_counter()
+    for index, problem in enumerate(problems):
+        ids = llm.encode(question_prompt(problem.question))
+        params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, seed=index)
+        for name, sampler in samplers.items():
+            result = sampler.generate(ids, params)
+            records[name].append(
+                {
+                    "correct": extract_answer(result.text or "") == problem.answer,
+                    "tokens": result.stats.generated_tokens,
+                    "prefill_s": result.stats.prefill_time_s,
+                    "decode_s": result.stats.decode_time_s,
+                    "core_steps_per_token": result.stats.core_steps_per_token,
+                    "sampler_steps": result.stats.extra.get("sampler_steps"),
+                }
+            )
+        if (index + 1) % 25 == 0:
+            print(f"{index + 1}/{len(problems)} problems, {time.perf_counter() - began:.0f} s", flush=True)
+
+    p, r, c = config.n_layers_in_prelude, config.n_layers_in_recurrent_block, config.n_layers_in_coda
+    ideal = (p + config.mean_recurrence * r + c) / (p + PAPER_DIFFUSION["inner_recurrence"] * r + c)
+    summary = []
+    baseline_rate = None
+    for name, rs in records.items():
+        decoded = sum(x["tokens"] - 1 for x in rs)
+        rate = decoded / sum(x["decode_s"] for x in rs)
+        baseline_rate = baseline_rate or rate
+        steps = [x["sampler_steps"] for x in rs if x["sampler_steps"] is not None]
+        summary.append(
+            {
+                "sampler": name,
+                "accuracy": sum(x["correct"] for x in rs) / len(rs),
+                "tokens_per_s": rate,
+                "speedup": rate / baseline_rate,
+                "median_prefill_ms": 1e3 * statistics.median(x["prefill_s"] for x in rs),
+                "mean_tokens": statistics.mean(x["tokens"] for x in rs),
+                "tokens_per_sampler_step": sum(x["tokens"] - 1 for x in rs) / sum(steps) if steps else None,
+                "core_steps_per_token": statistics.mean(x["core_steps_per_token"] for x in rs),
+            }
+        )
+    print(
+        f"\n{args.model} on {len(problems)} arithmetic test problems, greedy, {platform.machine()} "
+        f"{args.device}, {torch.get_num_threads()} threads; ideal speedup (P+rR+C)/(P+r'R+C) = {ideal:.2f}"
+    )
+    print(
+        f"{'sampler':24} {'accuracy':>8} {'tokens/s':>9} {'speedup':>8} {'of ideal':>8} {'prefill ms':>10} "
+        f"{'tok/step':>8} {'recur/tok':>9}"
+    )
+    for s in summary:
+        per_step = f"{s['tokens_per_sampler_step']:8.2f}" if s["tokens_per_sampler_step"] else f"{'-':>8}"
+        print(
+            f"{s['sampler']:24} {100 * s['accuracy']:7.1f}% {s['tokens_per_s']:9.1f} {s['speedup']:7.2f}x "
+            f"{100 * s['speedup'] / ideal:7.0f}% {s['median_prefill_ms']:10.1f} {per_step} "
+            f"{s['core_steps_per_token']:9.1f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "problems": len(problems),
+                "ideal_speedup": ideal,
+                "results": summary,
+                "threads": torch.get_num_threads(),
+                "device": args.device,
+                "torch": torch.__version__,
+                "per_problem": records,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
