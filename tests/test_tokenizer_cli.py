@@ -31,16 +31,18 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(["the answer is 42.", "two plus two is four", "hello world"] * 20, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<|begin_text|> $A <|end_text|>",
         special_tokens=[(t, tok.token_to_id(t)) for t in ("<|begin_text|>", "<|end_text|>")],
     )
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": TEMPLATE, "bos_token": "<|begin_text|>", "eos_token": {"content": "<|end_text|>"}}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": TEMPLATE, "bos_token": "<|begin_text|>", "eos_token": {"content": "<|end_text|>"}})
+    )
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.token_to_id("<|end_turn|>")]}))
     save_model(random_model(micro_config(vocab_size=tok.get_vocab_size()), seed=5), folder)
     return folder
@@ -52,25 +54,42 @@ def test_stop_ids_chat_template_and_prompt_encoding(model_dir: Path) -> None:
     assert tok is not None
     ids = {t: tok.token_to_id(t) for t in SPECIALS}
     assert llm.stop_token_ids == sorted({ids["<|end_turn|>"], ids["<|end_text|>"], ids["<|begin_text|>"]})
-    text = tok.apply_chat_template([{"role": "system", "content": " be brief "},
-                                    {"role": "user", "content": "hello"}])
-    assert text == ("<|begin_text|><|begin_header|>system<|end_header|>\n\nbe brief<|end_turn|>"
-                    "<|begin_header|>user<|end_header|>\n\nhello<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n")
+    text = tok.apply_chat_template([{"role": "system", "content": " be brief "}, {"role": "user", "content": "hello"}])
+    assert text == (
+        "<|begin_text|><|begin_header|>system<|end_header|>\n\nbe brief<|end_turn|>"
+        "<|begin_header|>user<|end_header|>\n\nhello<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n"
+    )
     chat_ids = llm.encode("hello", chat=True, system="be brief")
     assert chat_ids == tok.encode(text) and chat_ids[0] == ids["<|begin_text|>"]
     # Raw text: BOS kept, the post-processor's trailing end-of-text dropped.
     raw = llm.encode("hello world")
     assert raw[0] == ids["<|begin_text|>"] and raw[-1] != ids["<|end_text|>"]
     assert tok.decode(raw) == "hello world"
-    result = llm.generate("the answer", SamplingParams(temperature=0, max_new_tokens=5), num_steps=2,
-                          init_scale=0.0)[0]
+    result = llm.generate("the answer", SamplingParams(temperature=0, max_new_tokens=5), num_steps=2, init_scale=0.0)[0]
     assert result.text == tok.decode(result.token_ids)
 
 
 def test_cli_json_output(tmp_path: Path) -> None:
     folder = fixture_dir("reference-huginn-layout-a")
-    result = CliRunner().invoke(app, ["generate", "--model", str(folder), "--prompt-ids", "496, 487,219,228,408",
-                                      "--num-steps", "8", "--max-new-tokens", "6", "--json", "--dtype", "float32"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(folder),
+            "--prompt-ids",
+            "496, 487,219,228,408",
+            "--num-steps",
+            "8",
+            "--init-scale",
+            "0",
+            "--max-new-tokens",
+            "6",
+            "--json",
+            "--dtype",
+            "float32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["token_ids"] == [279, 357, 454, 140, 200, 421]  # generate_minimal's first tokens for this prompt
@@ -78,8 +97,21 @@ def test_cli_json_output(tmp_path: Path) -> None:
 
 
 def test_cli_streams_text(model_dir: Path) -> None:
-    result = CliRunner().invoke(app, ["generate", "--model", str(model_dir), "--prompt", "hello", "--chat",
-                                      "--num-steps", "2", "--max-new-tokens", "4"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            "hello",
+            "--chat",
+            "--num-steps",
+            "2",
+            "--max-new-tokens",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "recurrences/token" in result.stderr and "tokens/s" in result.stderr
 
@@ -106,8 +138,13 @@ def test_cli_errors_are_one_line(args: list[str], message: str) -> None:
 
 def test_cli_unknown_hub_id_offline_in_a_fresh_process() -> None:
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "depthwave.cli", "generate", "--model", "nobody/no-such-model",
-                           "--prompt-ids", "1"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "depthwave.cli", "generate", "--model", "nobody/no-such-model", "--prompt-ids", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("depthwave: error: nobody/no-such-model is not a local folder")
     assert "offline" in proc.stderr and "Traceback" not in proc.stderr
