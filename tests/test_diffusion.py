@@ -4,6 +4,7 @@ properties the corrected default mode must have."""
 from __future__ import annotations
 
 import itertools
+import json as json_module
 from typing import Any
 
 import pytest
@@ -212,3 +213,41 @@ def test_statistics_and_trace(model) -> None:  # type: ignore[no-untyped-def]
 def test_invalid_parameters(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidParameterError, match=message):
         DiffusionParams(**kwargs)
+
+
+def test_cli_diffusion_with_trace(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from depthwave.cli import app
+
+    folder = fixture_dir("reference-huginn-layout-a")
+    png = tmp_path / "trace.png"
+    args = [
+        "generate",
+        "--model",
+        str(folder),
+        "--prompt-ids",
+        "496,487,219,228,408",
+        "--sampler",
+        "diffusion",
+        "--num-steps",
+        "8",
+        "--init-scale",
+        "0",
+        "--max-new-tokens",
+        "20",
+        "--trace-out",
+        str(png),
+        "--json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json_module.loads(result.stdout)
+    assert len(record["token_ids"]) == 20 and record["stats"]["extra"]["sampler_steps"] > 0
+    assert png.stat().st_size > 10_000 and png.with_suffix(".json").is_file()
+    again = tmp_path / "again.png"
+    rendered = CliRunner().invoke(app, ["trace", str(png.with_suffix(".json")), "--out", str(again)])
+    assert rendered.exit_code == 0, rendered.output
+    assert again.stat().st_size > 10_000
+    static = CliRunner().invoke(app, [*args[:-3], "--sampler", "static", "--trace-out", str(png)])
+    assert static.exit_code == 2 and "has no parameter(s) ['trace']" in static.stderr

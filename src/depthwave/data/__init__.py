@@ -1,0 +1,1 @@
+"""Data for the built-in model: arithmetic word problems and the tokenizer trained on them."""

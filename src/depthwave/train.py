@@ -1,0 +1,622 @@
+"""Train a recurrent-depth model from scratch with the Huginn recipe, on the arithmetic word problems.
+
+Per optimizer step (the recipe of Huginn-0125's training code):
+
+* a number of recurrences p is drawn from a Poisson-lognormal distribution around `mean_recurrence`; the first
+  n = max(p - s, 0) core steps run without gradient and only the last k = min(p, s) are backpropagated through
+  (s = `mean_backprop_depth`), so memory is bounded while the model learns to improve any state it reaches;
+* the recurrence starts from a random state (`initial_state` with init_scale 1), and the prelude output is
+  injected at every step through the adapter;
+* the loss is next-token cross entropy on the answer only (the solution and the closing `<|end_turn|>`); the
+  chat-formatted question is context. Its numbers are random, so predicting them would only add noise;
+* AdamW, linear warmup then cosine decay, gradient-norm clipping.
+
+Everything random in a step is a function of (seed, step): the problems, the recurrence count, the initial state.
+A checkpoint therefore only needs the weights, the optimizer state and the step, and a resumed run continues
+exactly as an uninterrupted one would have.
+
+Output folder layout:
+    checkpoint/   config.json, model.safetensors, tokenizer files, training_state.pt   (latest, resumable)
+    model/        config.json, model.safetensors, tokenizer files                       (the final export)
+    log.jsonl     one JSON object per logged step, validation and (re)start
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from depthwave.data.arithmetic import Problem, extract_answer, make_split, train_batch
+from depthwave.data.tokenizer import (
+    BEGIN_TEXT,
+    END_TURN,
+    PAD,
+    question_prompt,
+    save_tokenizer_files,
+    special_token_ids,
+    stop_token_ids,
+    train_arithmetic_tokenizer,
+)
+from depthwave.errors import DepthwaveError
+from depthwave.model.config import HuginnConfig
+from depthwave.model.loading import load_model, save_model
+from depthwave.model.model import RecurrentDepthModel
+from depthwave.samplers.base import SamplingParams
+from depthwave.samplers.static import StaticParams, StaticSampler
+
+# Positions the built-in model supports: the longest prompt plus solution is about 130 tokens.
+CONTEXT_LENGTH = 256
+MAX_ANSWER_TOKENS = 128
+IGNORE_INDEX = -100
+CHECKPOINT_DIR = "checkpoint"
+EXPORT_DIR = "model"
+TRAINING_STATE = "training_state.pt"
+
+# Fields that only change how a run is executed or watched, not what it computes: a resumed run may change them.
+RUNTIME_FIELDS = frozenset(
+    {"out_dir", "device", "threads", "eval_every", "eval_problems", "checkpoint_every", "log_every", "stop_at"}
+)
+
+
+class TrainingError(DepthwaveError, ValueError):
+    """A training setting is invalid, or a run cannot be started or resumed as asked."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The defaults are the built-in model's recipe: the released 2/4/2 layout at width 128 (1.8M parameters,
+    7.3 MB in fp32), mean_recurrence 32. Backprop depth 4 instead of Huginn's 8 makes a CPU step about 28%
+    cheaper and learned this task as well in trial runs."""
+
+    out_dir: str
+    n_embd: int = 128
+    n_heads: int = 4
+    intermediate_size: int = 384
+    prelude_layers: int = 2
+    core_layers: int = 4
+    coda_layers: int = 2
+    mean_recurrence: int = 32
+    mean_backprop_depth: int = 4
+    vocab_size: int = 1024
+    """Upper bound of the BPE vocabulary; the model's vocabulary is what the tokenizer ends up with."""
+    # optimisation
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    """"bf16": bf16 autocast around the forward (weights and optimizer stay fp32), "fp32": none. On a CPU with
+    native bf16 (AVX512-BF16) it makes a no-grad recurrence about twice as fast."""
+    seed: int = 0
+    """Weight init, recurrence counts and initial states."""
+    data_seed: int = 0
+    """The problems, the splits and the tokenizer's corpus."""
+    # monitoring and runtime
+    eval_every: int = 500
+    """Validation accuracy every this many steps and at the end (0: never)."""
+    eval_problems: int = 32
+    checkpoint_every: int = 250
+    log_every: int = 10
+    stop_at: int | None = None
+    """Save a checkpoint and return after this step (continue later with resume)."""
+    device: str = "auto"
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        positive = (
+            "n_embd",
+            "n_heads",
+            "intermediate_size",
+            "core_layers",
+            "mean_recurrence",
+            "mean_backprop_depth",
+            "vocab_size",
+            "steps",
+            "batch_size",
+            "log_every",
+        )
+        non_negative = (
+            "prelude_layers",
+            "coda_layers",
+            "warmup_steps",
+            "eval_every",
+            "eval_problems",
+            "checkpoint_every",
+            "threads",
+            "seed",
+            "data_seed",
+        )
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            minimum = 1 if name in positive else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise TrainingError(f"training setting '{name}' must be an integer >= {minimum}, got {value!r}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise TrainingError(f"training setting '{name}' must be a number >= 0, got {value!r}")
+        if self.lr <= 0 or self.min_lr > self.lr:
+            raise TrainingError(f"need 0 < min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TrainingError(f"training setting '{name}' must be in [0, 1), got {getattr(self, name)!r}")
+        if self.n_embd % self.n_heads or (self.n_embd // self.n_heads) % 2:
+            raise TrainingError(f"n_heads={self.n_heads} must divide n_embd={self.n_embd} into an even head size")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise TrainingError(f"stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
+        if self.precision not in ("bf16", "fp32"):
+            raise TrainingError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise TrainingError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    def model_config(self, tokenizer: Tokenizer) -> HuginnConfig:
+        ids = special_token_ids(tokenizer)
+        return HuginnConfig(
+            n_embd=self.n_embd,
+            n_heads=self.n_heads,
+            intermediate_size=self.intermediate_size,
+            vocab_size=tokenizer.get_vocab_size(),
+            block_size=CONTEXT_LENGTH,
+            n_layers_in_prelude=self.prelude_layers,
+            n_layers_in_recurrent_block=self.core_layers,
+            n_layers_in_coda=self.coda_layers,
+            mean_recurrence=self.mean_recurrence,
+            mean_backprop_depth=self.mean_backprop_depth,
+            # Stored and run in fp32: exact on any CPU, and only a few MB at this size.
+            torch_dtype="float32",
+            bos_token_id=ids[BEGIN_TEXT],
+            eos_token_id=stop_token_ids(tokenizer),
+            pad_token_id=ids[PAD],
+        )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "builtin": {},
+    # A few seconds on a CPU: for tests and for checking an installation.
+    "smoke": dict(
+        n_embd=32,
+        n_heads=2,
+        intermediate_size=64,
+        mean_recurrence=4,
+        mean_backprop_depth=2,
+        steps=30,
+        batch_size=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=5,
+        eval_every=0,
+        eval_problems=4,
+        checkpoint_every=10,
+        log_every=5,
+    ),
+}
+
+
+@dataclass
+class TrainSummary:
+    start_step: int
+    """The step this run started from (0, or the resumed checkpoint's)."""
+    end_step: int
+    losses: list[float] = field(default_factory=list)
+    """Training loss of every step this run made."""
+    val_accuracy: float | None = None
+    """The last validation accuracy measured by this run."""
+    model_dir: Path | None = None
+    """The final export, once training reached its last step."""
+
+
+# ---- the recipe ---------------------------------------------------------------------------------------------
+def sample_recurrence(mean_recurrence: int, mean_backprop_depth: int, generator: torch.Generator) -> tuple[int, int]:
+    """Huginn's training-time depth: (steps without gradient, steps with gradient).
+
+    t = max(r̄ - s, 0), mu = ln(t + s) - 1/8, rate ~ LogNormal(mu, 1/2), p = Poisson(rate) + 1,
+    n = max(p - s, 0), k = min(p, s). The -1/8 = -sigma²/2 makes the lognormal's mean exactly t + s."""
+    s = mean_backprop_depth
+    t = max(mean_recurrence - s, 0)
+    mu = math.log(t + s) - 0.125
+    rate = torch.exp(mu + 0.5 * torch.randn(1, generator=generator))
+    p = int(torch.poisson(rate, generator=generator).item()) + 1
+    return max(p - s, 0), min(p, s)
+
+
+def recurrent_loss(
+    model: RecurrentDepthModel,
+    inputs: Tensor,
+    targets: Tensor,
+    no_grad_steps: int,
+    grad_steps: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Mean next-token loss over the non-ignored targets after `no_grad_steps + grad_steps` recurrences from a
+    random state, with gradients through the last `grad_steps` only (truncated backprop through depth)."""
+    embedded = model.prelude(inputs)
+    with torch.no_grad():
+        state = model.initial_state(embedded, 1.0, generator)
+        state = model.recur(state, embedded, no_grad_steps)
+    state = model.recur(state, embedded, grad_steps)
+    logits, _ = model.coda_logits(state)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warmup over `warmup_steps`, then a cosine from lr down to min_lr at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(config.steps - config.warmup_steps - 1, 1)
+    progress = min((step - config.warmup_steps) / decay_steps, 1.0)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: RecurrentDepthModel, config: TrainConfig) -> torch.optim.AdamW:
+    # Weight decay on matrices only: norms' gains and the q/k biases are not pulled towards zero.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+def prompt_ids(tokenizer: Tokenizer, question: str) -> list[int]:
+    """The question as a user turn plus the assistant header, encoded as at inference."""
+    return tokenizer.encode(question_prompt(question)).ids
+
+
+def encode_problem(tokenizer: Tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids ending with <|end_turn|>). The two are encoded separately, exactly as a prompt is
+    encoded at inference, so the token boundary between them is the one the model meets when it answers."""
+    end_turn = special_token_ids(tokenizer)[END_TURN]
+    return prompt_ids(tokenizer, problem.question), [*tokenizer.encode(problem.solution).ids, end_turn]
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded inputs [B, L] and targets [B, L] (the next token on answer positions, else ignored).
+
+    Padding sits after every real token, so with causal attention it changes nothing the loss sees."""
+    length = max(len(p) + len(a) for p, a in examples) - 1
+    inputs = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, answer) in enumerate(examples):
+        sequence = torch.tensor(prompt + answer)
+        inputs[row, : len(sequence) - 1] = sequence[:-1]
+        targets[row, len(prompt) - 1 : len(sequence) - 1] = sequence[len(prompt) :]
+    return inputs, targets
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+def greedy_accuracy(
+    model: RecurrentDepthModel,
+    tokenizer: Tokenizer,
+    problems: Sequence[Problem],
+    num_steps: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Fraction of problems whose greedy static-depth answer (`num_steps` recurrences per token, default
+    mean_recurrence, random initial state seeded per problem) ends in the right `The answer is N.`."""
+    if not problems:
+        raise ValueError("greedy_accuracy needs at least one problem")
+    sampler = StaticSampler(model, None, stop_token_ids(tokenizer), StaticParams(num_steps=num_steps))
+    correct = 0
+    for index, problem in enumerate(problems):
+        params = SamplingParams(temperature=0.0, max_new_tokens=MAX_ANSWER_TOKENS, seed=seed + index)
+        result = sampler.generate(prompt_ids(tokenizer, problem.question), params)
+        correct += extract_answer(tokenizer.decode(result.token_ids)) == problem.answer
+    return correct / len(problems)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+def save_checkpoint(
+    folder: Path,
+    model: RecurrentDepthModel,
+    tokenizer: Tokenizer,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    step: int,
+) -> None:
+    """Write the checkpoint next to the old one and swap it in, so an interrupted save leaves a usable one."""
+    staging = folder.with_name(folder.name + ".tmp")
+    previous = folder.with_name(folder.name + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
+    export_model(staging, model, tokenizer)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": asdict(config)}, staging / TRAINING_STATE)
+    if folder.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        folder.rename(previous)
+    staging.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def export_model(folder: Path, model: RecurrentDepthModel, tokenizer: Tokenizer) -> Path:
+    """A model folder loadable like Huginn-0125: config.json, model.safetensors and the tokenizer files."""
+    save_model(model, folder)
+    save_tokenizer_files(tokenizer, folder, CONTEXT_LENGTH)
+    return folder
+
+
+def find_checkpoint(out_dir: Path) -> Path | None:
+    """The latest complete checkpoint, also when a save was interrupted between its two renames."""
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
+        if (out_dir / name / TRAINING_STATE).is_file():
+            return out_dir / name
+    return None
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    current = asdict(config)
+    differing = [
+        f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
+        for name in current
+        if name not in RUNTIME_FIELDS and saved.get(name) != current[name]
+    ]
+    if differing:
+        raise TrainingError(
+            "cannot resume: the checkpoint was trained with other settings (pass the same flags as "
+            "the original run):\n  " + "\n  ".join(differing)
+        )
+
+
+# ---- the loop -------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def _step_generator(seed: int, step: int, salt: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 4 + salt)
+
+
+class _Progress:
+    """A plain-text progress bar: one line per report, readable in a terminal and in a CI log alike."""
+
+    def __init__(self, total: int, start: int, write: Callable[[str], None]) -> None:
+        self.total, self.start, self.write = total, start, write
+        self.began = time.perf_counter()
+
+    def report(self, step: int, text: str) -> None:
+        done = step + 1
+        elapsed = time.perf_counter() - self.began
+        per_step = elapsed / max(done - self.start, 1)
+        eta = per_step * (self.total - done)
+        filled = int(20 * done / self.total)
+        bar = "#" * filled + "." * (20 - filled)
+        self.write(
+            f"[{bar}] {done:>{len(str(self.total))}}/{self.total} {text} {per_step:.2f} s/step eta {_clock(eta)}"
+        )
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None] = print) -> TrainSummary:
+    """Run (or continue, with `resume`) the training described by `config`; see the module docstring."""
+    out_dir = Path(config.out_dir)
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    checkpoint = find_checkpoint(out_dir)
+    if checkpoint is not None and not resume:
+        raise TrainingError(
+            f"{out_dir} already holds a checkpoint; pass resume (--resume) to continue it, or "
+            "choose another output folder"
+        )
+    if resume and checkpoint is None:
+        raise TrainingError(f"nothing to resume: no checkpoint in {out_dir}")
+
+    if checkpoint is not None:
+        state = torch.load(checkpoint / TRAINING_STATE, map_location=device, weights_only=True)
+        _check_resumable(state["config"], config)
+        tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+        model = load_model(checkpoint, device, torch.float32).train().requires_grad_(True)
+        optimizer = make_optimizer(model, config)
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    else:
+        tokenizer = train_arithmetic_tokenizer(config.vocab_size, config.data_seed)
+        with torch.device(device):
+            model = RecurrentDepthModel(config.model_config(tokenizer))
+        model.init_weights(_step_generator(config.seed, 0, 0, device))
+        optimizer = make_optimizer(model, config)
+        start = 0
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_file = (out_dir / "log.jsonl").open("a", encoding="utf-8")
+
+    def log(record: dict[str, Any]) -> None:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    pad_id = special_token_ids(tokenizer)[PAD]
+    validation = make_split("validation", config.eval_problems, config.data_seed) if config.eval_every else []
+    end = config.stop_at or config.steps
+    summary = TrainSummary(start_step=start, end_step=start)
+    parameters = sum(p.numel() for p in model.parameters())
+    write(
+        f"training {parameters / 1e6:.2f}M parameters on {device} ({torch.get_num_threads()} threads), "
+        f"steps {start}..{end} of {config.steps}"
+    )
+    log(
+        {
+            "event": "start",
+            "step": start,
+            "config": asdict(config),
+            "parameters": parameters,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+        }
+    )
+    progress = _Progress(end, start, write)
+    last_log = time.perf_counter()
+    try:
+        for step in range(start, end):
+            lr = learning_rate(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            examples = [encode_problem(tokenizer, p) for p in train_batch(config.data_seed, step, config.batch_size)]
+            inputs, targets = (t.to(device) for t in collate(examples, pad_id))
+            # Drawn on the CPU so that a run samples the same depths on any device.
+            depth_generator = _step_generator(config.seed, step, 1, torch.device("cpu"))
+            no_grad_steps, grad_steps = sample_recurrence(
+                config.mean_recurrence, config.mean_backprop_depth, depth_generator
+            )
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                loss = recurrent_loss(
+                    model, inputs, targets, no_grad_steps, grad_steps, _step_generator(config.seed, step, 2, device)
+                )
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            summary.losses.append(loss.item())
+            summary.end_step = step + 1
+
+            if (step + 1) % config.log_every == 0 or step + 1 == end:
+                now = time.perf_counter()
+                log(
+                    {
+                        "event": "train",
+                        "step": step + 1,
+                        "loss": summary.losses[-1],
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "recurrence": [no_grad_steps, grad_steps],
+                        "seconds": now - last_log,
+                    }
+                )
+                last_log = now
+                progress.report(
+                    step,
+                    f"loss {summary.losses[-1]:.3f} lr {lr:.1e} "
+                    f"r {no_grad_steps + grad_steps:>3} ({no_grad_steps}+{grad_steps})",
+                )
+            if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+                began = time.perf_counter()
+                summary.val_accuracy = greedy_accuracy(model, tokenizer, validation, seed=config.seed)
+                seconds = time.perf_counter() - began
+                log(
+                    {
+                        "event": "validation",
+                        "step": step + 1,
+                        "accuracy": summary.val_accuracy,
+                        "problems": len(validation),
+                        "num_steps": config.mean_recurrence,
+                        "seconds": seconds,
+                    }
+                )
+                write(
+                    f"validation at step {step + 1}: {summary.val_accuracy:.1%} of {len(validation)} problems "
+                    f"greedy at r={config.mean_recurrence} ({seconds:.0f} s)"
+                )
+            if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == end:
+                save_checkpoint(out_dir / CHECKPOINT_DIR, model, tokenizer, optimizer, config, step + 1)
+    finally:
+        log_file.close()
+
+    if summary.end_step == config.steps:
+        summary.model_dir = export_model(out_dir / EXPORT_DIR, model, tokenizer)
+        write(f"done: model written to {summary.model_dir}")
+    else:
+        write(f"stopped at step {summary.end_step}; continue with --resume")
+    return summary
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+_FLAG_HELP = {
+    "n_embd": "hidden size D",
+    "n_heads": "attention heads",
+    "intermediate_size": "MLP inner size",
+    "prelude_layers": "P",
+    "core_layers": "R (layers in the recurrent block)",
+    "coda_layers": "C",
+    "mean_recurrence": "mean recurrences in training, and r for validation",
+    "mean_backprop_depth": "recurrences backpropagated through",
+    "vocab_size": "upper bound of the BPE vocabulary",
+    "steps": "optimizer steps of the whole run",
+    "batch_size": "problems per step",
+    "lr": "peak learning rate",
+    "min_lr": "final learning rate of the cosine",
+    "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay of the matrices",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "gradient-norm clip",
+    "precision": "bf16 (autocast) or fp32",
+    "seed": "seed of init, recurrence counts and initial states",
+    "data_seed": "seed of the problems, splits and tokenizer",
+    "eval_every": "validate every N steps (0: never)",
+    "eval_problems": "validation problems",
+    "checkpoint_every": "checkpoint every N steps",
+    "log_every": "progress line every N steps",
+    "stop_at": "checkpoint and stop after this step",
+    "device": "auto, cpu, cuda or cuda:N",
+    "threads": "torch CPU threads (0: default)",
+}
+
+
+def build_parser(prog: str = "python -m depthwave.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a recurrent-depth model on arithmetic word problems with the Huginn recipe.",
+    )
+    parser.add_argument("--out", required=True, help="output folder (checkpoint/, model/, log.jsonl)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="builtin", help="defaults to start from; flags override them"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    for f in fields(TrainConfig):
+        if f.name == "out_dir":
+            continue
+        kind = {"str": str, "float": float}.get(str(f.type), int)
+        choices = ("bf16", "fp32") if f.name == "precision" else None
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), type=kind, choices=choices, default=None, help=_FLAG_HELP[f.name]
+        )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = dict(PRESETS[args.preset])
+    values.update(
+        {
+            f.name: getattr(args, f.name)
+            for f in fields(TrainConfig)
+            if f.name != "out_dir" and getattr(args, f.name) is not None
+        }
+    )
+    return TrainConfig(out_dir=args.out, **values)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m depthwave.train") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        config = config_from_args(args)
+        train(config, resume=args.resume)
+    except TrainingError as exc:
+        print(f"error: {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
