@@ -106,6 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--problems", type=int, default=500, help="first N problems of the test split")
+    parser.add_argument(
+        "--curve-problems",
+        type=int,
+        default=None,
+        help="problems for the r other than mean_recurrence (default: --problems)",
+    )
     parser.add_argument("--steps", default="1,2,4,8,16,32,48,64", help="recurrences to evaluate")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--convergence-prompts", type=int, default=100)
@@ -118,8 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     problems = make_split("test", args.problems, seed=0)
     indexed = [(i, p.question, p.answer) for i, p in enumerate(problems)]
     steps = [int(s) for s in args.steps.split(",")]
-    shards = [indexed[w :: args.workers] for w in range(args.workers)]
-    tasks = [(r, shard) for r in steps for shard in shards]
+    curve_count = args.problems if args.curve_problems is None else min(args.curve_problems, args.problems)
+    tasks = []
+    for r in steps:
+        chosen = indexed if r == mean_recurrence else indexed[:curve_count]
+        tasks += [(r, chosen[w :: args.workers]) for w in range(args.workers)]
 
     began = time.perf_counter()
     correct: dict[int, list[bool]] = {r: [] for r in steps}
@@ -141,10 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         f"\n{args.model}: greedy static AR on the first {len(problems)} arithmetic test problems "
         f"({seconds:.0f} s, {args.workers} workers)"
     )
-    print(f"{'r':>4} {'accuracy':>9} {'mean new tokens':>16}")
+    print(f"{'r':>4} {'accuracy':>9} {'problems':>9} {'mean new tokens':>16}")
     for r in steps:
         marker = "  <- mean_recurrence" if r == mean_recurrence else ""
-        print(f"{r:>4} {100 * curve[r]:8.1f}% {statistics.mean(lengths[r]):16.1f}{marker}")
+        print(f"{r:>4} {100 * curve[r]:8.1f}% {len(correct[r]):9d} {statistics.mean(lengths[r]):16.1f}{marker}")
     print(
         "mean normalised latent change per step: "
         + ", ".join(f"t={t + 1}: {c:.3f}" for t, c in enumerate(convergence) if t + 1 in (1, 2, 4, 8, 16, 32, 64))
@@ -173,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         curve,
         mean_recurrence,
         convergence,
-        f"{args.model}: {len(problems)} arithmetic test problems, greedy static AR",
+        f"{args.model}: greedy static AR; {len(problems)} test problems at r={mean_recurrence}, "
+        f"{curve_count} at the other r",
     ):
         print(f"wrote {png}")
 
