@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         "decoding": "greedy static AR",
         "mean_recurrence": mean_recurrence,
         "accuracy": {str(r): curve[r] for r in steps},
+        "problems_per_r": {str(r): len(correct[r]) for r in steps},
         "mean_new_tokens": {str(r): statistics.mean(lengths[r]) for r in steps},
         "latent_change_per_step": convergence,
         "first_step_below_0.03": below,
