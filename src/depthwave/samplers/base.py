@@ -43,32 +43,32 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _require(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature, ">= 0")
-        _require(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
-        _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        _require(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
-        _require(
-            _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+        require(is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature, ">= 0")
+        require(is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
+        require(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        require(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
+        require(
+            is_number(self.repetition_penalty) and self.repetition_penalty > 0,
             "repetition_penalty",
             self.repetition_penalty,
             "> 0",
         )
-        _require(
-            _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+        require(
+            is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
             "max_new_tokens",
             self.max_new_tokens,
             "an integer >= 1",
         )
-        _require(
-            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+        require(
+            all(is_int(t) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids",
             list(self.stop_token_ids),
             "non-negative integers",
         )
-        _require(
-            self.seed is None or (_is_int(self.seed) and self.seed >= 0), "seed", self.seed, "None or an integer >= 0"
+        require(
+            self.seed is None or (is_int(self.seed) and self.seed >= 0), "seed", self.seed, "None or an integer >= 0"
         )
-        _require(
+        require(
             self.top_p_rule in ("standard", "reference"), "top_p_rule", self.top_p_rule, "'standard' or 'reference'"
         )
 
@@ -77,15 +77,15 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
-def _require(ok: bool, name: str, value: Any, what: str) -> None:
+def require(ok: bool, name: str, value: Any, what: str) -> None:
     if not ok:
         raise InvalidParameterError(f"{name} must be {what}, got {value!r}")
 

@@ -41,6 +41,9 @@ from depthwave.samplers.base import (
     SamplingParams,
     Stopwatch,
     TokenSelector,
+    is_int,
+    is_number,
+    require,
 )
 
 FreezeRule = Literal["latent-diff", "fixed", "token-stability", "latent-acceleration"]
@@ -89,19 +92,12 @@ class DiffusionParams:
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise InvalidParameterError(f"{name} must be {what}, got {getattr(self, name)!r}")
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_real(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+            require(ok, name, getattr(self, name), what)
 
         need(is_int(self.inner_recurrence) and self.inner_recurrence >= 1, "inner_recurrence", "an integer >= 1")
-        need(is_real(self.exit_threshold) and self.exit_threshold >= 0, "exit_threshold", "a number >= 0")
-        need(is_real(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)")
-        need(is_real(self.noise) and 0 <= self.noise <= 1, "noise", "in [0, 1]")
+        need(is_number(self.exit_threshold) and self.exit_threshold >= 0, "exit_threshold", "a number >= 0")
+        need(is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        need(is_number(self.noise) and 0 <= self.noise <= 1, "noise", "in [0, 1]")
         need(is_int(self.headway) and self.headway >= 1, "headway", "an integer >= 1")
         need(is_int(self.max_wavefront) and self.max_wavefront >= 0, "max_wavefront", "an integer >= 0 (0 = no cap)")
         need(
@@ -120,7 +116,7 @@ class DiffusionParams:
             "num_steps",
             "None or an integer >= 1",
         )
-        need(is_real(self.init_scale) and self.init_scale >= 0, "init_scale", ">= 0")
+        need(is_number(self.init_scale) and self.init_scale >= 0, "init_scale", ">= 0")
         need(is_int(self.max_sampler_steps) and self.max_sampler_steps >= 1, "max_sampler_steps", "an integer >= 1")
         need(self.cache_mode in CACHE_MODES, "cache_mode", f"one of {CACHE_MODES}")
         need(self.mode in ("default", "reference"), "mode", "'default' or 'reference'")
