@@ -97,9 +97,6 @@ class KVCache:
             raise InvalidParameterError(f"cannot truncate a cache of length {self.length} to {length}")
         self.length = length
 
-    def reset(self) -> None:
-        self.length = 0
-
     # ---- memory ---------------------------------------------------------------------------------------------
     @property
     def bytes_per_position(self) -> int:
