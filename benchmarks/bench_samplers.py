@@ -8,7 +8,11 @@ Rows: static AR at r = mean_recurrence (the baseline), the diffusion forcing sam
 Every problem is run by every sampler in turn (interleaved), same prompts, one process, so machine noise hits all
 rows alike. tokens/s counts generated tokens after the first (which the prefill produces) over decode time,
 summed over problems; prefill is reported separately. The ideal speedup is the ratio of layer passes per token,
-(P + r·R + C) / (P + r'·R + C). Prints a table and writes JSON.
+(P + r·R + C) / (P + r'·R + C): it assumes that a sampler step costs the same whatever the number of positions in
+its wavefront, as on a GPU, where a small model's step is bound by weight reads and launches. On a CPU the extra
+rows cost real arithmetic, so the script also times one sampler step's model work (prelude, r' recurrences, coda)
+against the wavefront size and reports the ceiling that this puts on the speedup at the measured mean wavefront
+and tokens per step. Prints the tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 from depthwave.data.arithmetic import extract_answer, make_split
 from depthwave.data.tokenizer import question_prompt
 from depthwave.llm import LLM
+from depthwave.model.cache import KVCache
+from depthwave.model.model import RecurrentDepthModel
 from depthwave.samplers import SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,6 +47,23 @@ def sampler_rows(mean_recurrence: int) -> dict[str, tuple[str, dict[str, Any]]]:
     }
 
 
+@torch.inference_mode()
+def model_work_ms(model: RecurrentDepthModel, rows: int, recurrences: int, position: int, repeats: int) -> float:
+    """Median time of prelude + `recurrences` core steps + coda on `rows` positions after `position` cached ones."""
+    config = model.config
+    cache = KVCache(config, position + rows, "shared", device=model.device, dtype=model.dtype)
+    ids = torch.randint(0, config.vocab_size, (1, position + rows), generator=torch.Generator().manual_seed(0))
+    model(ids[:, :position], 4, cache=cache)
+    state = model.initial_state(torch.zeros(1, rows, config.n_embd, device=model.device, dtype=model.dtype))
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        embedded = model.prelude(ids[:, position:], position, cache)
+        model.coda_logits(model.recur(state, embedded, recurrences, position, cache), position, cache)
+        times.append(time.perf_counter() - began)
+    return 1e3 * statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin")
@@ -49,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-scale", type=float, default=1.0, help="random initial states (seeded per problem)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cost-repeats", type=int, default=200, help="timings of the step-cost table")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_samplers.json")
     args = parser.parse_args(argv)
     if args.threads:
@@ -75,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                     "decode_s": result.stats.decode_time_s,
                     "core_steps_per_token": result.stats.core_steps_per_token,
                     "sampler_steps": result.stats.extra.get("sampler_steps"),
+                    "mean_wavefront": result.stats.extra.get("mean_wavefront"),
                 }
             )
         if (index + 1) % 25 == 0:
@@ -89,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         rate = decoded / sum(x["decode_s"] for x in rs)
         baseline_rate = baseline_rate or rate
         steps = [x["sampler_steps"] for x in rs if x["sampler_steps"] is not None]
+        wavefront = sum(x["mean_wavefront"] * x["sampler_steps"] for x in rs) / sum(steps) if steps else None
         summary.append(
             {
                 "sampler": name,
@@ -99,23 +125,53 @@ def main(argv: list[str] | None = None) -> None:
                 "mean_tokens": statistics.mean(x["tokens"] for x in rs),
                 "tokens_per_sampler_step": sum(x["tokens"] - 1 for x in rs) / sum(steps) if steps else None,
                 "core_steps_per_token": statistics.mean(x["core_steps_per_token"] for x in rs),
+                "mean_wavefront": wavefront,
             }
         )
+
+    # What a step costs against its wavefront size, at a typical position (the prompt plus half the answer).
+    position = int(statistics.median(len(llm.encode(question_prompt(p.question))) for p in problems[:20])) + 30
+    token_ms = model_work_ms(llm.model, 1, config.mean_recurrence, position, args.cost_repeats)
+    sizes = sorted({1, 2, 3, 4, 6, 8, 16} | {round(s["mean_wavefront"]) for s in summary if s["mean_wavefront"]})
+    r_inner = PAPER_DIFFUSION["inner_recurrence"]
+    step_ms = {size: model_work_ms(llm.model, size, r_inner, position, args.cost_repeats) for size in sizes}
+    for s in summary:
+        if s["mean_wavefront"]:
+            # Interpolate the step cost at the mean wavefront, then: static token cost / diffusion cost per token.
+            low = max(x for x in sizes if x <= s["mean_wavefront"])
+            high = min(x for x in sizes if x >= s["mean_wavefront"])
+            weight = 0.0 if high == low else (s["mean_wavefront"] - low) / (high - low)
+            cost = step_ms[low] + weight * (step_ms[high] - step_ms[low])
+            s["step_ms_at_mean_wavefront"] = cost
+            s["hardware_ceiling"] = token_ms / (cost / s["tokens_per_sampler_step"])
     print(
         f"\n{args.model} on {len(problems)} arithmetic test problems, greedy, {platform.machine()} "
         f"{args.device}, {torch.get_num_threads()} threads; ideal speedup (P+rR+C)/(P+r'R+C) = {ideal:.2f}"
     )
+    for s in summary:
+        per_token = (p + r_inner * r + c) / s["tokens_per_sampler_step"] if s["tokens_per_sampler_step"] else None
+        s["layer_pass_speedup"] = (p + config.mean_recurrence * r + c) / per_token if per_token else 1.0
     print(
         f"{'sampler':24} {'accuracy':>8} {'tokens/s':>9} {'speedup':>8} {'of ideal':>8} {'prefill ms':>10} "
-        f"{'tok/step':>8} {'recur/tok':>9}"
+        f"{'tok/step':>8} {'recur/tok':>9} {'wavefront':>9} {'layer-pass':>10} {'CPU ceiling':>11}"
     )
     for s in summary:
-        per_step = f"{s['tokens_per_sampler_step']:8.2f}" if s["tokens_per_sampler_step"] else f"{'-':>8}"
+        dash = f"{'-':>8}"
+        per_step = f"{s['tokens_per_sampler_step']:8.2f}" if s["tokens_per_sampler_step"] else dash
+        wavefront = f"{s['mean_wavefront']:9.2f}" if s["mean_wavefront"] else f"{'-':>9}"
+        ceiling = f"{s['hardware_ceiling']:10.2f}x" if s.get("hardware_ceiling") else f"{'-':>11}"
         print(
             f"{s['sampler']:24} {100 * s['accuracy']:7.1f}% {s['tokens_per_s']:9.1f} {s['speedup']:7.2f}x "
             f"{100 * s['speedup'] / ideal:7.0f}% {s['median_prefill_ms']:10.1f} {per_step} "
-            f"{s['core_steps_per_token']:9.1f}"
+            f"{s['core_steps_per_token']:9.1f} {wavefront} {s['layer_pass_speedup']:9.2f}x {ceiling}"
         )
+    print(
+        "\nlayer-pass: speedup in sequential layer passes per token (what the ideal counts); CPU ceiling: the speedup "
+        "that the measured step cost at the mean wavefront allows at the measured tokens per step."
+    )
+    print(f"model work at position {position}: one static token (r={config.mean_recurrence}) {token_ms:.2f} ms")
+    print(f"{'wavefront':>9} " + " ".join(f"{size:>6}" for size in sizes))
+    print(f"{'step ms':>9} " + " ".join(f"{step_ms[size]:6.2f}" for size in sizes))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -123,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                 "model": args.model,
                 "problems": len(problems),
                 "ideal_speedup": ideal,
+                "static_token_ms": token_ms,
+                "step_ms_by_wavefront": step_ms,
                 "results": summary,
                 "threads": torch.get_num_threads(),
                 "device": args.device,

@@ -191,6 +191,7 @@ def test_statistics_and_trace(model) -> None:  # type: ignore[no-untyped-def]
     assert extra["core_forward_passes"] == 1 + 4 * extra["sampler_steps"]
     assert extra["token_positions_forwarded"] == len(PROMPT) + 4 * sum(s["size"] for s in trace)
     assert max(s["size"] for s in trace) <= 6
+    assert extra["mean_wavefront"] == pytest.approx(sum(s["size"] for s in trace) / len(trace))
     assert extra["standing_waves"] == sum(1 for s in trace if s["size"] + 1 > 6)
     assert all(b["start"] >= a["start"] for a, b in itertools.pairwise(trace))
     assert trace[-1]["frozen_after"] - len(PROMPT) >= 16
@@ -253,4 +254,4 @@ def test_cli_diffusion_with_trace(tmp_path) -> None:  # type: ignore[no-untyped-
     assert rendered.exit_code == 0, rendered.output
     assert again.stat().st_size > 10_000
     static = CliRunner().invoke(app, [*args[:-3], "--sampler", "static", "--trace-out", str(png)])
-    assert static.exit_code == 2 and "has no parameter(s) ['trace']" in static.stderr
+    assert static.exit_code == 2 and "use it with --sampler diffusion" in static.stderr

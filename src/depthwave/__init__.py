@@ -10,15 +10,30 @@ from depthwave.errors import (
 from depthwave.llm import LLM
 from depthwave.model import HuginnConfig, KVCache, RecurrentDepthModel, load_model, random_model, save_model
 from depthwave.model.tokenizer import Tokenizer, load_tokenizer
-from depthwave.samplers import GenerationResult, SamplingParams, StaticParams, StaticSampler
+from depthwave.samplers import (
+    AdaptiveParams,
+    AdaptiveSampler,
+    DiffusionParams,
+    DiffusionSampler,
+    GenerationResult,
+    SamplingParams,
+    SpeculativeParams,
+    SpeculativeSampler,
+    StaticParams,
+    StaticSampler,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
+    "AdaptiveParams",
+    "AdaptiveSampler",
     "CheckpointError",
     "ConfigError",
     "DepthwaveError",
+    "DiffusionParams",
+    "DiffusionSampler",
     "GenerationResult",
     "HuginnConfig",
     "InvalidParameterError",
@@ -26,6 +41,8 @@ __all__ = [
     "PromptError",
     "RecurrentDepthModel",
     "SamplingParams",
+    "SpeculativeParams",
+    "SpeculativeSampler",
     "StaticParams",
     "StaticSampler",
     "Tokenizer",

@@ -61,7 +61,7 @@ def generate(
     prompt_ids: Annotated[str | None, typer.Option(help="Prompt as raw token ids, e.g. '1,2,3'.")] = None,
     chat: Annotated[bool, typer.Option(help="Render the prompt with the model's chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
-    sampler: Annotated[str, typer.Option(help="static | diffusion.")] = "static",
+    sampler: Annotated[str, typer.Option(help="static | adaptive | speculative | diffusion.")] = "static",
     # shared by the samplers (None: the sampler's own default)
     num_steps: Annotated[int | None, typer.Option(help="Recurrences per token / of the prefill.")] = None,
     init_scale: Annotated[float | None, typer.Option(help="Scale of random states; 0 = zeros.")] = None,
@@ -71,7 +71,9 @@ def generate(
     warm_start: Annotated[str | None, typer.Option(help="static: latent for continuous compute, normed|raw.")] = None,
     # diffusion
     inner_recurrence: Annotated[int | None, typer.Option(help="diffusion: r', recurrences per step.")] = None,
-    exit_threshold: Annotated[float | None, typer.Option(help="diffusion: ε of the latent freeze rules.")] = None,
+    exit_threshold: Annotated[
+        float | None, typer.Option(help="diffusion: ε of the latent freeze rules; adaptive: the criterion's.")
+    ] = None,
     momentum: Annotated[float | None, typer.Option(help="diffusion: η on the input embeddings.")] = None,
     noise: Annotated[float | None, typer.Option(help="diffusion: β, state noise per step.")] = None,
     dampened_noise: Annotated[bool | None, typer.Option(help="diffusion: divide noise by 1 + recurrences.")] = None,
@@ -84,7 +86,22 @@ def generate(
     full_prefill: Annotated[bool | None, typer.Option(help="diffusion: full-depth pass over the prompt first.")] = None,
     max_sampler_steps: Annotated[int | None, typer.Option(help="diffusion: safety cap on steps.")] = None,
     mode: Annotated[
-        str | None, typer.Option(help="diffusion: default | reference (token-exact to the official code).")
+        str | None,
+        typer.Option(help="diffusion, speculative: default | reference (token-exact to the official code)."),
+    ] = None,
+    # adaptive
+    criterion: Annotated[
+        str | None,
+        typer.Option(help="adaptive: latent-diff|kl|minp-kl|entropy-diff|argmax-stability|cosine|none."),
+    ] = None,
+    min_steps: Annotated[int | None, typer.Option(help="adaptive: recurrences before the first check.")] = None,
+    check_every: Annotated[int | None, typer.Option(help="adaptive: check every n-th recurrence.")] = None,
+    exit_in_prefill: Annotated[bool | None, typer.Option(help="adaptive: the prompt may exit early.")] = None,
+    # speculative
+    draft_steps: Annotated[int | None, typer.Option(help="speculative: recurrences per draft token.")] = None,
+    lookahead: Annotated[int | None, typer.Option(help="speculative: drafts per round.")] = None,
+    verification_threshold: Annotated[
+        float | None, typer.Option(help="speculative: 1 = exact; < 1 accepts q(draft) >= t·max q (greedy).")
     ] = None,
     trace_out: Annotated[
         Path | None, typer.Option(help="diffusion: record a per-step trace; write PNG here and JSON beside it.")
@@ -129,8 +146,17 @@ def generate(
         "full_prefill": full_prefill,
         "max_sampler_steps": max_sampler_steps,
         "mode": mode,
+        "criterion": criterion,
+        "min_steps": min_steps,
+        "check_every": check_every,
+        "exit_in_prefill": exit_in_prefill,
+        "draft_steps": draft_steps,
+        "lookahead": lookahead,
+        "verification_threshold": verification_threshold,
         "trace": True if trace_out is not None else None,
     }
+    if trace_out is not None and sampler != "diffusion":
+        _fail("--trace-out records the diffusion sampler's steps; use it with --sampler diffusion")
     try:
         params = SamplingParams(
             temperature=temperature,
@@ -173,6 +199,10 @@ def generate(
     extra = ""
     if "sampler_steps" in s.extra:
         extra = f"; {s.extra['sampler_steps']} sampler steps, {s.extra['tokens_per_sampler_step']:.2f} tokens/step"
+    elif "acceptance_rate" in s.extra:
+        extra = f"; {s.extra['rounds']} rounds, {100 * s.extra['acceptance_rate']:.0f}% of drafts accepted"
+    elif "early_exits" in s.extra:
+        extra = f"; {s.extra['early_exits']} early exits"
     typer.echo(
         f"[{s.generated_tokens} tokens, {result.finish_reason}; prefill {s.prefill_time_s * 1e3:.1f} ms for "
         f"{s.prompt_tokens} prompt tokens; decode {s.tokens_per_s:.1f} tokens/s; "

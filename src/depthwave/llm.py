@@ -12,12 +12,16 @@ import torch
 from depthwave.errors import InvalidParameterError, PromptError
 from depthwave.model.loading import load_model, resolve_model_dir
 from depthwave.model.tokenizer import default_stop_ids, load_tokenizer
+from depthwave.samplers.adaptive import AdaptiveParams, AdaptiveSampler
 from depthwave.samplers.base import GenerationResult, Sampler, SamplingParams
 from depthwave.samplers.diffusion import DiffusionParams, DiffusionSampler
+from depthwave.samplers.speculative import SpeculativeParams, SpeculativeSampler
 from depthwave.samplers.static import StaticParams, StaticSampler
 
 SAMPLERS: dict[str, tuple[type[Sampler], type]] = {
     "static": (StaticSampler, StaticParams),
+    "adaptive": (AdaptiveSampler, AdaptiveParams),
+    "speculative": (SpeculativeSampler, SpeculativeParams),
     "diffusion": (DiffusionSampler, DiffusionParams),
 }
 

@@ -128,10 +128,12 @@ class RecurrentDepthModel(nn.Module):
         start: int = 0,
         cache: KVCache | None = None,
         first_step: int = 0,
+        span: Span | None = None,
     ) -> Tensor:
         """`num_steps` recurrences (adapter on [state, e], then the R core layers) on the same positions.
-        Recurrence t writes the cache slots `cache.core_slot(t, ·)`, t counted from `first_step`."""
-        span = self.span(start, state.shape[1])
+        Recurrence t writes the cache slots `cache.core_slot(t, ·)`, t counted from `first_step`. `span` overrides
+        the positions' default span (a sampler that must hide some cached positions passes its own mask)."""
+        span = span or self.span(start, state.shape[1])
         for step in range(first_step, first_step + num_steps):
             x = self.transformer.adapter(torch.cat((state, embedded), dim=-1))
             for j, layer in enumerate(self.transformer.core_block):
@@ -140,10 +142,16 @@ class RecurrentDepthModel(nn.Module):
         return state
 
     def core_step(
-        self, state: Tensor, embedded: Tensor, start: int = 0, cache: KVCache | None = None, step: int = 0
+        self,
+        state: Tensor,
+        embedded: Tensor,
+        start: int = 0,
+        cache: KVCache | None = None,
+        step: int = 0,
+        span: Span | None = None,
     ) -> Tensor:
         """One recurrence; `step` picks the per-step cache slots."""
-        return self.recur(state, embedded, 1, start, cache, first_step=step)
+        return self.recur(state, embedded, 1, start, cache, first_step=step, span=span)
 
     def coda_logits(
         self, state: Tensor, start: int = 0, cache: KVCache | None = None, last_only: bool = False

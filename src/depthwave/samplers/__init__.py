@@ -1,5 +1,6 @@
 """Generation algorithms for recurrent-depth models, one file each, sharing `base`."""
 
+from depthwave.samplers.adaptive import AdaptiveParams, AdaptiveSampler
 from depthwave.samplers.base import (
     GenerationResult,
     GenerationStats,
@@ -9,9 +10,12 @@ from depthwave.samplers.base import (
     TokenSelector,
 )
 from depthwave.samplers.diffusion import DiffusionParams, DiffusionSampler
+from depthwave.samplers.speculative import SpeculativeParams, SpeculativeSampler
 from depthwave.samplers.static import StaticParams, StaticSampler
 
 __all__ = [
+    "AdaptiveParams",
+    "AdaptiveSampler",
     "DiffusionParams",
     "DiffusionSampler",
     "GenerationResult",
@@ -19,6 +23,8 @@ __all__ = [
     "GenerationStream",
     "Sampler",
     "SamplingParams",
+    "SpeculativeParams",
+    "SpeculativeSampler",
     "StaticParams",
     "StaticSampler",
     "TokenSelector",

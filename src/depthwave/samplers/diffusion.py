@@ -479,6 +479,11 @@ class DiffusionSampler(Sampler):
             "recurrences_per_token": per_token,
             "mean_recurrences_per_token": sum(per_token) / len(per_token) if per_token else 0.0,
             "sequential_core_steps": (num_steps if cfg.full_prefill else 0) + r_inner * step,
+            "mean_wavefront": (
+                (counters["token_positions_forwarded"] - (prompt_len if cfg.full_prefill else 0)) / (r_inner * step)
+                if step
+                else 0.0
+            ),
             "tokens_per_sampler_step": len(generated) / step if step else 0.0,
             "hit_max_sampler_steps": step >= cfg.max_sampler_steps,
         }
