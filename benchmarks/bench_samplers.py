@@ -1,18 +1,22 @@
 """Accuracy and speed of the samplers side by side, on the built-in model's arithmetic test problems.
 
-    python benchmarks/bench_samplers.py                     # 500 problems, greedy
-    python benchmarks/bench_samplers.py --problems 50 --model runs/builtin/model
+    python benchmarks/bench_samplers.py --threads 1          # tune on 40 validation problems, then 500 test ones
+    python benchmarks/bench_samplers.py --problems 50 --sweep-problems 20 --model runs/builtin/model
 
-Rows: static AR at r = mean_recurrence (the baseline), the diffusion forcing sampler with the paper's defaults
-(r' = 4, ε = 0.03, η = 0.1, β = 0, wavefront 128) in depthwave's default mode, and the same in reference mode.
-Every problem is run by every sampler in turn (interleaved), same prompts, one process, so machine noise hits all
-rows alike. tokens/s counts generated tokens after the first (which the prefill produces) over decode time,
-summed over problems; prefill is reported separately. The ideal speedup is the ratio of layer passes per token,
-(P + r·R + C) / (P + r'·R + C): it assumes that a sampler step costs the same whatever the number of positions in
-its wavefront, as on a GPU, where a small model's step is bound by weight reads and launches. On a CPU the extra
-rows cost real arithmetic, so the script also times one sampler step's model work (prelude, r' recurrences, coda)
-against the wavefront size and reports the ceiling that this puts on the speedup at the measured mean wavefront
-and tokens per step. Prints the tables and writes JSON.
+Rows: static AR at r = mean_recurrence (the baseline); adaptive-compute AR with the best exit criterion and
+self-speculative decoding with the best draft depth and lookahead, both picked by a small sweep on the validation
+split (the fastest setting whose accuracy there is at most one problem below static AR's); the diffusion forcing
+sampler with the paper's defaults (r' = 4, ε = 0.03, η = 0.1, β = 0, wavefront 128) in depthwave's default mode,
+and the same in reference mode. Every test problem is run by every sampler in turn (interleaved), same prompts, one
+process, so machine noise hits all rows alike. tokens/s counts generated tokens after the first (which the prefill
+produces) over decode time, summed over problems; prefill is reported separately.
+
+The ideal speedup of the diffusion sampler is the ratio of layer passes per token, (P + r·R + C) / (P + r'·R + C):
+it assumes that a sampler step costs the same whatever the number of positions in its wavefront, as on a GPU, where
+a small model's step is bound by weight reads and launches. On a CPU the extra rows cost real arithmetic, so the
+script also times one sampler step's model work (prelude, r' recurrences, coda) against the wavefront size and
+reports the ceiling that this puts on the speedup at the measured mean wavefront and tokens per step. Prints the
+tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 
 import torch
 
-from depthwave.data.arithmetic import extract_answer, make_split
+from depthwave.data.arithmetic import Problem, extract_answer, make_split
 from depthwave.data.tokenizer import question_prompt
 from depthwave.llm import LLM
 from depthwave.model.cache import KVCache
@@ -39,12 +43,76 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_DIFFUSION = dict(inner_recurrence=4, exit_threshold=0.03, momentum=0.1, noise=0.0, max_wavefront=128)
 
 
-def sampler_rows(mean_recurrence: int) -> dict[str, tuple[str, dict[str, Any]]]:
-    return {
-        f"static AR r={mean_recurrence}": ("static", {"num_steps": mean_recurrence}),
-        "diffusion (default)": ("diffusion", {**PAPER_DIFFUSION, "num_steps": mean_recurrence}),
-        "diffusion (reference)": ("diffusion", {**PAPER_DIFFUSION, "num_steps": mean_recurrence, "mode": "reference"}),
-    }
+CRITERIA = ("latent-diff", "kl", "minp-kl", "entropy-diff", "argmax-stability", "cosine")
+ADAPTIVE_SWEEP = [{"criterion": c} for c in CRITERIA]
+SPECULATIVE_SWEEP = [{"draft_steps": d, "lookahead": k} for d in (1, 2, 4, 8) for k in (2, 4, 8)]
+
+Row = tuple[str, dict[str, Any]]
+
+
+def run_problems(
+    llm: LLM,
+    rows: dict[str, Row],
+    problems: list[Problem],
+    max_new_tokens: int,
+    init_scale: float,
+    label: str,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every problem through every row's sampler in turn; one record per problem and row."""
+    samplers = {name: llm.sampler(kind, init_scale=init_scale, **kw) for name, (kind, kw) in rows.items()}
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
+    began = time.perf_counter()
+    for index, problem in enumerate(problems):
+        ids = llm.encode(question_prompt(problem.question))
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=index)
+        for name, sampler in samplers.items():
+            result = sampler.generate(ids, params)
+            records[name].append(
+                {
+                    "correct": extract_answer(result.text or "") == problem.answer,
+                    "tokens": result.stats.generated_tokens,
+                    "prefill_s": result.stats.prefill_time_s,
+                    "decode_s": result.stats.decode_time_s,
+                    "core_steps_per_token": result.stats.core_steps_per_token,
+                    "sampler_steps": result.stats.extra.get("sampler_steps"),
+                    "mean_wavefront": result.stats.extra.get("mean_wavefront"),
+                    "acceptance_rate": result.stats.extra.get("acceptance_rate"),
+                }
+            )
+        if (index + 1) % 25 == 0:
+            print(f"{label}: {index + 1}/{len(problems)} problems, {time.perf_counter() - began:.0f} s", flush=True)
+    return records
+
+
+def rate_and_accuracy(records: list[dict[str, Any]]) -> tuple[float, float]:
+    decoded = sum(x["tokens"] - 1 for x in records)
+    return decoded / sum(x["decode_s"] for x in records), sum(x["correct"] for x in records) / len(records)
+
+
+def tune(llm: LLM, problems: list[Problem], args: argparse.Namespace, static: Row) -> tuple[Row, Row, list[dict]]:
+    """The fastest adaptive and speculative settings on the tuning problems whose accuracy is at most one problem
+    below static AR's there."""
+    candidates: dict[str, Row] = {"static": static}
+    for kw in ADAPTIVE_SWEEP:
+        candidates[f"adaptive {kw['criterion']}"] = ("adaptive", kw)
+    for kw in SPECULATIVE_SWEEP:
+        candidates[f"speculative draft {kw['draft_steps']} lookahead {kw['lookahead']}"] = ("speculative", kw)
+    records = run_problems(llm, candidates, problems, args.max_new_tokens, args.init_scale, "sweep")
+    results = []
+    for name, (kind, kw) in candidates.items():
+        rate, accuracy = rate_and_accuracy(records[name])
+        results.append({"setting": name, "sampler": kind, "params": kw, "tokens_per_s": rate, "accuracy": accuracy})
+    floor = results[0]["accuracy"] - 1 / len(problems) - 1e-9
+    print(f"\nsweep on {len(problems)} validation problems (acceptable: accuracy >= {100 * floor:.1f}%)")
+    for r in results:
+        print(f"  {r['setting']:36} {100 * r['accuracy']:6.1f}% {r['tokens_per_s']:8.1f} tokens/s")
+
+    def best(kind: str) -> Row:
+        ok = [r for r in results if r["sampler"] == kind and r["accuracy"] >= floor]
+        chosen = max(ok or [r for r in results if r["sampler"] == kind], key=lambda r: r["tokens_per_s"])
+        return kind, chosen["params"]
+
+    return best("adaptive"), best("speculative"), results
 
 
 @torch.inference_mode()
@@ -67,7 +135,8 @@ def model_work_ms(model: RecurrentDepthModel, rows: int, recurrences: int, posit
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin")
-    parser.add_argument("--problems", type=int, default=500)
+    parser.add_argument("--problems", type=int, default=500, help="test problems of the table")
+    parser.add_argument("--sweep-problems", type=int, default=40, help="validation problems of the tuning sweep")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--init-scale", type=float, default=1.0, help="random initial states (seeded per problem)")
     parser.add_argument("--threads", type=int, default=None)
@@ -80,45 +149,33 @@ def main(argv: list[str] | None = None) -> None:
 
     llm = LLM(args.model, device=args.device)
     config = llm.model.config
-    rows = sampler_rows(config.mean_recurrence)
-    samplers = {name: llm.sampler(kind, init_scale=args.init_scale, **kw) for name, (kind, kw) in rows.items()}
+    r_mean = config.mean_recurrence
+    static: Row = ("static", {"num_steps": r_mean})
+    adaptive, speculative, sweep = tune(llm, make_split("validation", args.sweep_problems, seed=0), args, static)
+    rows: dict[str, Row] = {
+        f"static AR r={r_mean}": static,
+        f"adaptive ({adaptive[1]['criterion']})": adaptive,
+        f"speculative (d={speculative[1]['draft_steps']}, k={speculative[1]['lookahead']})": speculative,
+        "diffusion (default)": ("diffusion", {**PAPER_DIFFUSION, "num_steps": r_mean}),
+        "diffusion (reference)": ("diffusion", {**PAPER_DIFFUSION, "num_steps": r_mean, "mode": "reference"}),
+    }
     problems = make_split("test", args.problems, seed=0)
-    records: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
-
-    began = time.perf_counter()
-    for index, problem in enumerate(problems):
-        ids = llm.encode(question_prompt(problem.question))
-        params = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens, seed=index)
-        for name, sampler in samplers.items():
-            result = sampler.generate(ids, params)
-            records[name].append(
-                {
-                    "correct": extract_answer(result.text or "") == problem.answer,
-                    "tokens": result.stats.generated_tokens,
-                    "prefill_s": result.stats.prefill_time_s,
-                    "decode_s": result.stats.decode_time_s,
-                    "core_steps_per_token": result.stats.core_steps_per_token,
-                    "sampler_steps": result.stats.extra.get("sampler_steps"),
-                    "mean_wavefront": result.stats.extra.get("mean_wavefront"),
-                }
-            )
-        if (index + 1) % 25 == 0:
-            print(f"{index + 1}/{len(problems)} problems, {time.perf_counter() - began:.0f} s", flush=True)
+    records = run_problems(llm, rows, problems, args.max_new_tokens, args.init_scale, "test")
 
     p, r, c = config.n_layers_in_prelude, config.n_layers_in_recurrent_block, config.n_layers_in_coda
     ideal = (p + config.mean_recurrence * r + c) / (p + PAPER_DIFFUSION["inner_recurrence"] * r + c)
     summary = []
     baseline_rate = None
     for name, rs in records.items():
-        decoded = sum(x["tokens"] - 1 for x in rs)
-        rate = decoded / sum(x["decode_s"] for x in rs)
+        rate, accuracy = rate_and_accuracy(rs)
         baseline_rate = baseline_rate or rate
         steps = [x["sampler_steps"] for x in rs if x["sampler_steps"] is not None]
         wavefront = sum(x["mean_wavefront"] * x["sampler_steps"] for x in rs) / sum(steps) if steps else None
         summary.append(
             {
                 "sampler": name,
-                "accuracy": sum(x["correct"] for x in rs) / len(rs),
+                "accuracy": accuracy,
+                "params": rows[name][1],
                 "tokens_per_s": rate,
                 "speedup": rate / baseline_rate,
                 "median_prefill_ms": 1e3 * statistics.median(x["prefill_s"] for x in rs),
@@ -150,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for s in summary:
         per_token = (p + r_inner * r + c) / s["tokens_per_sampler_step"] if s["tokens_per_sampler_step"] else None
-        s["layer_pass_speedup"] = (p + config.mean_recurrence * r + c) / per_token if per_token else 1.0
+        s["layer_pass_speedup"] = (p + config.mean_recurrence * r + c) / per_token if per_token else None
     print(
         f"{'sampler':24} {'accuracy':>8} {'tokens/s':>9} {'speedup':>8} {'of ideal':>8} {'prefill ms':>10} "
         f"{'tok/step':>8} {'recur/tok':>9} {'wavefront':>9} {'layer-pass':>10} {'CPU ceiling':>11}"
@@ -160,10 +217,11 @@ def main(argv: list[str] | None = None) -> None:
         per_step = f"{s['tokens_per_sampler_step']:8.2f}" if s["tokens_per_sampler_step"] else dash
         wavefront = f"{s['mean_wavefront']:9.2f}" if s["mean_wavefront"] else f"{'-':>9}"
         ceiling = f"{s['hardware_ceiling']:10.2f}x" if s.get("hardware_ceiling") else f"{'-':>11}"
+        layer_pass = f"{s['layer_pass_speedup']:9.2f}x" if s["layer_pass_speedup"] else f"{'-':>10}"
         print(
             f"{s['sampler']:24} {100 * s['accuracy']:7.1f}% {s['tokens_per_s']:9.1f} {s['speedup']:7.2f}x "
             f"{100 * s['speedup'] / ideal:7.0f}% {s['median_prefill_ms']:10.1f} {per_step} "
-            f"{s['core_steps_per_token']:9.1f} {wavefront} {s['layer_pass_speedup']:9.2f}x {ceiling}"
+            f"{s['core_steps_per_token']:9.1f} {wavefront} {layer_pass} {ceiling}"
         )
     print(
         "\nlayer-pass: speedup in sequential layer passes per token (what the ideal counts); CPU ceiling: the speedup "
@@ -185,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
                 "threads": torch.get_num_threads(),
                 "device": args.device,
                 "torch": torch.__version__,
+                "sweep_problems": args.sweep_problems,
+                "sweep": sweep,
                 "per_problem": records,
             },
             indent=1,

@@ -118,7 +118,9 @@ def test_per_step_cache_hides_positions_that_exited_before_a_step() -> None:
     name = "reference-huginn-layout-a"
     model = load_model(fixture_dir(name), dtype=torch.float32)
     prompt = fixture_json(name, "prompts.json")["prompts"][1]
-    params = AdaptiveParams(criterion="latent-diff", exit_threshold=0.05, num_steps=16, init_scale=0)
+    params = AdaptiveParams(
+        criterion="latent-diff", exit_threshold=0.05, num_steps=16, init_scale=0, cache_mode="per-step"
+    )
     result = AdaptiveSampler(model, params=params).generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=24))
     steps = result.stats.extra["recurrences_per_token"]
     assert len(set(steps)) > 2, "the check needs tokens of different depths"
