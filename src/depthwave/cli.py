@@ -237,6 +237,232 @@ def trace(
         _fail(str(exc))
 
 
+def _eval_settings(
+    model: str,
+    tasks: str,
+    samplers: str,
+    limit: int | None,
+    seed: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int | None,
+    chat: bool | None,
+    system: str | None,
+    data: list[str],
+    device: str | None,
+    dtype: str,
+    threads: int | None,
+) -> Any:
+    from depthwave.eval.harness import EvalSettings, parse_samplers
+
+    files = {}
+    for item in data:
+        name, eq, path = item.partition("=")
+        if not eq:
+            _fail(f"--data expects TASK=PATH, got {item!r}")
+        files[name] = path
+    return EvalSettings(
+        model=model,
+        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+        samplers=tuple(parse_samplers(samplers)),
+        limit=limit,
+        seed=seed,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        chat=chat,
+        system=system,
+        data=files,
+        device=device,
+        dtype=dtype,
+        threads=threads,
+    )
+
+
+class _EvalProgress:
+    """A progress bar over (sample, sampler) records with running accuracy and tokens/s per sampler."""
+
+    def __init__(self, settings: Any, folder: Path) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from depthwave.eval.harness import read_records
+
+        self.totals: dict[str, list[float]] = {}
+        for record in read_records(folder):
+            self._add(record)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.bar = self.progress.add_task("eval", total=None)
+
+    def _add(self, record: dict[str, Any]) -> None:
+        total = self.totals.setdefault(f"{record['task']}/{record['sampler']}", [0, 0, 0, 0.0])
+        total[0] += 1
+        total[1] += record["correct"]
+        total[2] += max(record["generated_tokens"] - 1, 0)
+        total[3] += record["decode_s"]
+
+    def __call__(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self._add(record)
+        shown = "  ".join(
+            f"{name} {100 * t[1] / t[0]:.0f}% {t[2] / t[3] if t[3] else 0:.0f} tok/s" for name, t in self.totals.items()
+        )
+        self.progress.update(self.bar, advance=len(records), description=shown)
+
+
+def _run_with_progress(settings: Any, folder: Path, run: Any) -> Any:
+    from depthwave.eval.harness import load_samples, pending_work, prepare_folder
+    from depthwave.eval.tasks import get_task
+
+    tasks = {name: get_task(name) for name in settings.tasks}
+    done = prepare_folder(folder, settings)
+    labels = [s.label for s in settings.samplers]
+    pending = sum(len(labels) - len(skip) for *_, skip in pending_work(load_samples(settings, tasks), labels, done))
+    progress = _EvalProgress(settings, folder)
+    progress.progress.update(progress.bar, total=pending)
+    with progress.progress:
+        return run(progress)
+
+
+def _print_summary(summary: dict[str, Any], folder: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['settings']['model']} (baseline {summary['baseline']})")
+    for column in ("task", "sampler", "n", "accuracy", "Δ acc", "tokens/s", "speedup", "prefill ms", "recur/tok"):
+        table.add_column(column, justify="left" if column in ("task", "sampler") else "right")
+    for row in summary["rows"]:
+        table.add_row(
+            row["task"],
+            row["sampler"],
+            str(row["samples"]),
+            f"{100 * row['accuracy']:.1f}%",
+            f"{100 * row['accuracy_delta']:+.1f}" if "accuracy_delta" in row else "-",
+            f"{row['tokens_per_s']:.1f}",
+            f"{row['speedup']:.2f}x" if row.get("speedup") else "-",
+            f"{row['median_prefill_ms']:.1f}",
+            f"{row['recurrences_per_token']:.1f}",
+        )
+    Console(stderr=True, width=None if sys.stderr.isatty() else 160).print(table)
+    typer.echo(f"wrote {folder / 'samples.jsonl'}, summary.json, table.md", err=True)
+
+
+EVAL_SAMPLERS_HELP = (
+    "Comma-separated samplers, each NAME or NAME(key=value,...), optionally LABEL=NAME(...): "
+    "e.g. 'static,adaptive,speculative(draft_steps=2,lookahead=8),diffusion'."
+)
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Option(help="'builtin', a model folder or a hub id.")] = "builtin",
+    tasks: Annotated[str, typer.Option(help="Comma-separated: arithmetic, gsm8k, math500, humaneval, mbpp.")] = (
+        "arithmetic"
+    ),
+    samplers: Annotated[str, typer.Option(help=EVAL_SAMPLERS_HELP)] = "static,diffusion",
+    limit: Annotated[int | None, typer.Option(help="First N samples of each task.")] = None,
+    seed: Annotated[int, typer.Option(help="Sample i uses seed*1000003+i.")] = 0,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Default: each task's.")] = None,
+    chat: Annotated[bool | None, typer.Option(help="Force chat/plain prompts (default: each task's choice).")] = None,
+    system: Annotated[str | None, typer.Option(help="Replace the tasks' system prompt.")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="TASK=PATH: a local data file or folder.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (resumes if it holds the same run).")] = Path("runs/eval"),
+    workers: Annotated[int, typer.Option(help="Ray workers, one model replica each (1 = this process).")] = 1,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of a local one.")] = None,
+    device: Annotated[str | None, typer.Option()] = None,
+    dtype: Annotated[str, typer.Option()] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
+) -> None:
+    """Evaluate samplers on benchmark tasks: the paper's table of accuracy and tokens/s."""
+    from depthwave.eval.harness import run_eval
+
+    try:
+        settings = _eval_settings(
+            model,
+            tasks,
+            samplers,
+            limit,
+            seed,
+            temperature,
+            top_p,
+            max_new_tokens,
+            chat,
+            system,
+            data or [],
+            device,
+            dtype,
+            threads,
+        )
+        summary = _run_with_progress(
+            settings, out, lambda p: run_eval(settings, out, workers, ray_address, on_records=p)
+        )
+    except DepthwaveError as exc:
+        _fail(str(exc))
+        return
+    _print_summary(summary, out)
+
+
+@app.command()
+def sweep(
+    model: Annotated[str, typer.Option(help="'builtin', a model folder or a hub id.")] = "builtin",
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks.")] = "arithmetic",
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=v1,v2,... (repeatable); default: r', ε, β, η and wavefront around the paper's."),
+    ] = None,
+    base: Annotated[
+        str, typer.Option(help="Fixed diffusion parameters for every variant, e.g. 'diffusion(num_steps=32)'.")
+    ] = "diffusion",
+    limit: Annotated[int | None, typer.Option(help="First N samples of each task.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    temperature: Annotated[float, typer.Option()] = 0.0,
+    max_new_tokens: Annotated[int | None, typer.Option()] = None,
+    data: Annotated[list[str] | None, typer.Option(help="TASK=PATH.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (records, table, PNG plots).")] = Path("runs/sweep"),
+    workers: Annotated[int, typer.Option(help="Ray workers.")] = 1,
+    device: Annotated[str | None, typer.Option()] = None,
+    dtype: Annotated[str, typer.Option()] = "auto",
+    threads: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Sweep the diffusion sampler's parameters one at a time; Pareto and per-parameter plots."""
+    from depthwave.eval.sweep import parse_grid, run_sweep, sweep_settings
+
+    try:
+        given = _eval_settings(
+            model,
+            tasks,
+            base,
+            limit,
+            seed,
+            temperature,
+            1.0,
+            max_new_tokens,
+            None,
+            None,
+            data or [],
+            device,
+            dtype,
+            threads,
+        )
+        grid = parse_grid(param or [])
+        settings, fixed = sweep_settings(given, grid)
+        summary = _run_with_progress(
+            settings, out, lambda p: run_sweep(settings, grid, fixed, out, workers, on_records=p)
+        )
+    except DepthwaveError as exc:
+        _fail(str(exc))
+        return
+    _print_summary(summary, out)
+    typer.echo(f"plots in {out}", err=True)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def train(ctx: typer.Context) -> None:
     """Train a recurrent-depth model with the Huginn recipe (see `depthwave train --help`)."""

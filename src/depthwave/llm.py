@@ -73,6 +73,12 @@ class LLM:
             ids.pop()
         return ids
 
+    def encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a whole conversation (system, few-shot turns, question) in the model's chat template."""
+        if self.tokenizer is None:
+            raise PromptError(f"{self.folder} has no tokenizer.json; chat messages need one")
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(list(messages)), add_special_tokens=False)
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

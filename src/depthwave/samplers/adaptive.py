@@ -54,6 +54,7 @@ from depthwave.samplers.base import (
     SamplingParams,
     Stopwatch,
     TokenSelector,
+    emit,
     is_int,
     is_number,
     require,
@@ -284,9 +285,7 @@ class AdaptiveSampler(Sampler):
             token = int(tokens[end])
             if not generated:
                 stats.prefill_time_s = watch.lap()
-            generated.append(token)
-            yield token
-            if token in stops:
+            if (yield from emit([token], generated, budget, stops)):
                 finish = "stop"
                 break
             if len(generated) == budget:

@@ -200,21 +200,41 @@ class GenerationStream:
         self.result = yield from self._steps
 
 
+def emit(fresh: list[int], emitted: list[int], budget: int, stops: frozenset[int]) -> Generator[int, None, bool]:
+    """Yield the tokens that just became final, up to the token budget, appending them to `emitted`; returns
+    whether a stop token ended generation (the stop token is emitted, nothing after it)."""
+    for token in fresh[: budget - len(emitted)]:
+        emitted.append(token)
+        yield token
+        if token in stops:
+            return True
+    return False
+
+
 class Stopwatch:
-    """Wall-clock phases; waits for the device first so that asynchronous CUDA work is counted where it ran."""
+    """Wall-clock phases: CUDA events on a CUDA device (the GPU's own clock, read once a phase's work is done),
+    perf counters elsewhere."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.last = self._now()
+        self.cuda = device.type == "cuda"
+        self.last: Any = self._mark()
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
         return time.perf_counter()
 
     def lap(self) -> float:
-        now = self._now()
-        elapsed, self.last = now - self.last, now
+        """Seconds since the previous lap (or the start)."""
+        now = self._mark()
+        if self.cuda:
+            now.synchronize()
+            elapsed = self.last.elapsed_time(now) / 1e3
+        else:
+            elapsed = now - self.last
+        self.last = now
         return elapsed
 
 

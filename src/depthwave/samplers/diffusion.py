@@ -41,6 +41,7 @@ from depthwave.samplers.base import (
     SamplingParams,
     Stopwatch,
     TokenSelector,
+    emit,
     is_int,
     is_number,
     require,
@@ -446,12 +447,8 @@ class DiffusionSampler(Sampler):
                 if step > cfg.max_sampler_steps:
                     break
             else:
-                for token in fresh[: budget - len(emitted)]:
-                    emitted.append(token)
-                    yield token
-                    if token in stops:
-                        finish = "stop"
-                        break
+                if (yield from emit(fresh, emitted, budget, stops)):
+                    finish = "stop"
                 if step + 1 >= cfg.max_sampler_steps:
                     step += 1
                     break

@@ -41,6 +41,7 @@ from depthwave.samplers.base import (
     Stopwatch,
     TokenSelector,
     apply_repetition_penalty,
+    emit,
     filtered_probs,
     is_int,
     is_number,
@@ -205,13 +206,8 @@ class SpeculativeSampler(Sampler):
                 yield from fresh
                 if any(t in stops for t in fresh):
                     break
-            else:
-                for token in fresh[: budget - len(emitted)]:
-                    emitted.append(token)
-                    yield token
-                    if token in stops:
-                        finish = "stop"
-                        break
+            elif (yield from emit(fresh, emitted, budget, stops)):
+                finish = "stop"
         stats.decode_time_s = watch.lap()
         if reference:
             # Cut after the first stop token that follows the first generated token.

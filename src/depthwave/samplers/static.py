@@ -17,6 +17,7 @@ from depthwave.samplers.base import (
     SamplingParams,
     Stopwatch,
     TokenSelector,
+    emit,
 )
 
 
@@ -93,9 +94,7 @@ class StaticSampler(Sampler):
             token = int(tokens[end])
             if not generated:
                 stats.prefill_time_s = watch.lap()
-            generated.append(token)
-            yield token
-            if token in stops:
+            if (yield from emit([token], generated, budget, stops)):
                 finish = "stop"
                 break
             if len(generated) == budget:

@@ -1,0 +1,398 @@
+"""The evaluation harness: tasks × samplers on one model, written incrementally, resumable, summarised as the paper's
+table (accuracy and generated tokens/s per sampler and task, speedup and accuracy change against static AR).
+
+Files in the output folder:
+
+* ``settings.json``: what the run is (model, tasks, samplers, sampling, seed); a resumed run must match it.
+* ``samples.jsonl``: one line per (task, sampler, sample), appended and flushed as each finishes, so an interrupted
+  run loses nothing and a rerun skips what is there.
+* ``summary.json`` and ``table.md``: the aggregate, rewritten at the end.
+
+Every sampler sees the same prompt for a sample, in turn (interleaved), so machine noise hits all rows alike.
+Sample i of a task is generated with seed ``seed * 1_000_003 + i`` whichever worker runs it, so a sharded run
+(`depthwave.eval.distributed`) reproduces the per-sample results of a single-process one. Timing: CUDA events on a
+GPU, perf counters on a CPU (the samplers' `Stopwatch`); tokens/s counts generated tokens after the first over
+decode time, summed over samples; the prefill (prompt through the first token) is reported separately.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import statistics
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from depthwave.errors import InvalidParameterError
+from depthwave.eval.tasks import Sample, Task, get_task
+
+RECORDS_FILE = "samples.jsonl"
+SETTINGS_FILE = "settings.json"
+SUMMARY_FILE = "summary.json"
+TABLE_FILE = "table.md"
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler row of the table: the sampler's name, its parameters, and the label the table shows."""
+
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            shown = ",".join(f"{k}={v}" for k, v in self.params.items())
+            object.__setattr__(self, "label", f"{self.kind}({shown})" if shown else self.kind)
+
+    @classmethod
+    def parse(cls, text: str) -> SamplerSpec:
+        """`name` or `name(key=value,...)`, optionally prefixed `label=`: e.g. `diffusion(inner_recurrence=8)`,
+        `fast=speculative(draft_steps=2,lookahead=8)`. Values are Python literals; bare words are strings."""
+        text = text.strip()
+        label = ""
+        head, paren, _ = text.partition("(")
+        if "=" in head:
+            label, text = (part.strip() for part in text.split("=", 1))
+            head, paren, _ = text.partition("(")
+        kind, params = head.strip(), {}
+        if paren:
+            if not text.endswith(")"):
+                raise InvalidParameterError(f"sampler {text!r}: missing ')'")
+            for item in _split_top_level(text[len(head) + 1 : -1]):
+                key, eq, value = item.partition("=")
+                if not eq or not key.strip():
+                    raise InvalidParameterError(f"sampler {text!r}: expected key=value, got {item!r}")
+                params[key.strip()] = parse_literal(value.strip())
+        if not kind:
+            raise InvalidParameterError(f"sampler {text!r}: no sampler name")
+        return cls(kind, params, label)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas that are not inside brackets or parentheses."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    if current.strip():
+        parts.append(current)
+    return [p for p in (part.strip() for part in parts) if p]
+
+
+def parse_literal(value: str) -> Any:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        lowered = value.lower()
+        return {"true": True, "false": False, "none": None}.get(lowered, value)
+
+
+def parse_samplers(text: str | Iterable[str]) -> list[SamplerSpec]:
+    """A comma-separated list of sampler specs (commas inside parentheses belong to a spec)."""
+    items = _split_top_level(text) if isinstance(text, str) else list(text)
+    specs = [SamplerSpec.parse(item) for item in items]
+    if not specs:
+        raise InvalidParameterError("give at least one sampler")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise InvalidParameterError(f"sampler labels must be unique, got {labels}; name them with label=...")
+    return specs
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """One evaluation run. `data`: per-task data file/folder (default: the task's own source). `chat`: None =
+    each task's preference when the model has a chat template. `max_new_tokens`: None = each task's default."""
+
+    model: str = "builtin"
+    tasks: tuple[str, ...] = ("arithmetic",)
+    samplers: tuple[SamplerSpec, ...] = (SamplerSpec("static"),)
+    limit: int | None = None
+    seed: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int | None = None
+    chat: bool | None = None
+    system: str | None = None
+    data: dict[str, str] = field(default_factory=dict)
+    device: str | None = None
+    dtype: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise InvalidParameterError("give at least one task")
+        if self.limit is not None and self.limit < 1:
+            raise InvalidParameterError(f"limit must be None or >= 1, got {self.limit}")
+        unknown = set(self.data) - set(self.tasks)
+        if unknown:
+            raise InvalidParameterError(f"data given for tasks not in the run: {sorted(unknown)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["samplers"] = [asdict(s) for s in self.samplers]
+        out["tasks"] = list(self.tasks)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalSettings:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["samplers"] = tuple(SamplerSpec(**s) for s in values.get("samplers", ()))
+        values["tasks"] = tuple(values.get("tasks", ()))
+        return cls(**values)
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a resumed run to continue an earlier one (not device, threads or limit)."""
+        out = self.to_dict()
+        for key in ("device", "threads", "limit"):
+            out.pop(key)
+        return out
+
+
+def sample_seed(seed: int, index: int) -> int:
+    return seed * 1_000_003 + index
+
+
+class Evaluator:
+    """A loaded model with its tasks and samplers: turns one sample into one record per sampler."""
+
+    def __init__(self, settings: EvalSettings) -> None:
+        import torch
+
+        from depthwave.llm import LLM
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        dtype = None if settings.dtype == "auto" else settings.dtype
+        self.llm = LLM(settings.model, device=settings.device, dtype=dtype)
+        self.tasks: dict[str, Task] = {name: get_task(name) for name in settings.tasks}
+        self.samplers = {spec.label: self.llm.sampler(spec.kind, **spec.params) for spec in settings.samplers}
+        self.has_template = bool(self.llm.tokenizer is not None and self.llm.tokenizer.chat_template)
+
+    def uses_chat(self, task: Task) -> bool:
+        chat = self.settings.chat
+        if chat is None:
+            return task.prefers_chat and self.has_template
+        return chat
+
+    def prompt_ids(self, task: Task, sample: Sample) -> list[int]:
+        if self.uses_chat(task):
+            messages = task.messages(sample)
+            if self.settings.system is not None:
+                messages = [m for m in messages if m["role"] != "system"]
+                messages.insert(0, {"role": "system", "content": self.settings.system})
+            return self.llm.encode_messages(messages)
+        return self.llm.encode(task.plain_prompt(sample))
+
+    def run_sample(self, task_name: str, index: int, sample: Sample, skip: set[str] = frozenset()) -> list[dict]:  # type: ignore[assignment]
+        """Every sampler (but those in `skip`) on one sample, in the settings' order."""
+        from depthwave.samplers import SamplingParams
+
+        s = self.settings
+        task = self.tasks[task_name]
+        chat = self.uses_chat(task)
+        ids = self.prompt_ids(task, sample)
+        params = SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            max_new_tokens=s.max_new_tokens or task.default_max_new_tokens,
+            seed=sample_seed(s.seed, index),
+        )
+        records = []
+        for label, sampler in self.samplers.items():
+            if label in skip:
+                continue
+            result = sampler.generate(ids, params)
+            text = result.text if result.text is not None else ""
+            score = task.score(sample, text, chat=chat)
+            stats = result.stats
+            records.append(
+                {
+                    "task": task_name,
+                    "sampler": label,
+                    "sample_id": sample.id,
+                    "index": index,
+                    "correct": bool(score.correct),
+                    "extracted": score.extracted,
+                    "details": score.details,
+                    "completion": text,
+                    "finish_reason": result.finish_reason,
+                    "prompt_tokens": len(ids),
+                    "generated_tokens": stats.generated_tokens,
+                    "prefill_s": stats.prefill_time_s,
+                    "decode_s": stats.decode_time_s,
+                    "core_steps_per_token": stats.core_steps_per_token,
+                    "token_ids": result.token_ids,
+                }
+            )
+        return records
+
+
+def read_records(folder: Path) -> list[dict[str, Any]]:
+    """The records of an output folder; a last line cut short by an interruption is ignored."""
+    path = folder / RECORDS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class RecordWriter:
+    """Appends records to samples.jsonl, each line flushed to disk before the next sample starts."""
+
+    def __init__(self, folder: Path) -> None:
+        path = folder / RECORDS_FILE
+        # Drop a partial last line that an interruption may have left, so that appended lines start clean.
+        if path.is_file():
+            text = path.read_text()
+            if text and not text.endswith("\n"):
+                path.write_text(text[: text.rfind("\n") + 1])
+        self.file = path.open("a")
+
+    def write(self, records: Iterable[dict[str, Any]]) -> None:
+        for record in records:
+            self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def prepare_folder(folder: Path, settings: EvalSettings) -> set[tuple[str, str, str]]:
+    """Create or reopen an output folder; returns the (task, sampler, sample id) triples already done."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings_path = folder / SETTINGS_FILE
+    if settings_path.is_file():
+        earlier = EvalSettings.from_dict(json.loads(settings_path.read_text()))
+        if earlier.identity() != settings.identity():
+            raise InvalidParameterError(
+                f"{folder} holds a run with other settings ({settings_path}); resume it with the same model, tasks, "
+                "samplers, sampling and seed, or choose another --out"
+            )
+    settings_path.write_text(json.dumps(settings.to_dict(), indent=1))
+    return {(r["task"], r["sampler"], r["sample_id"]) for r in read_records(folder)}
+
+
+def pending_work(
+    tasks: dict[str, list[Sample]], labels: list[str], done: set[tuple[str, str, str]]
+) -> Iterator[tuple[str, int, Sample, set[str]]]:
+    """(task, index, sample, samplers already done for it) for every sample with something left to run."""
+    for task_name, samples in tasks.items():
+        for index, sample in enumerate(samples):
+            skip = {label for label in labels if (task_name, label, sample.id) in done}
+            if len(skip) < len(labels):
+                yield task_name, index, sample, skip
+
+
+def load_samples(settings: EvalSettings, tasks: dict[str, Task]) -> dict[str, list[Sample]]:
+    return {name: task.load(settings.data.get(name), settings.limit) for name, task in tasks.items()}
+
+
+def run_eval(
+    settings: EvalSettings,
+    folder: Path,
+    workers: int = 1,
+    ray_address: str | None = None,
+    on_records: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) an evaluation into `folder`; returns the summary. `workers` > 1 spreads samples over Ray
+    workers, each with its own model replica (see `depthwave.eval.distributed`)."""
+    done = prepare_folder(folder, settings)
+    labels = [s.label for s in settings.samplers]
+    writer = RecordWriter(folder)
+    try:
+        if workers > 1 or ray_address:
+            from depthwave.eval.distributed import run_distributed
+
+            tasks = {name: get_task(name) for name in settings.tasks}
+            work = list(pending_work(load_samples(settings, tasks), labels, done))
+            for records in run_distributed(settings, work, workers, ray_address):
+                writer.write(records)
+                if on_records:
+                    on_records(records)
+        else:
+            evaluator = Evaluator(settings)
+            work = list(pending_work(load_samples(settings, evaluator.tasks), labels, done))
+            for task_name, index, sample, skip in work:
+                records = evaluator.run_sample(task_name, index, sample, skip)
+                writer.write(records)
+                if on_records:
+                    on_records(records)
+    finally:
+        writer.close()
+    summary = summarize(read_records(folder), settings)
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    (folder / TABLE_FILE).write_text(markdown_table(summary))
+    return summary
+
+
+def summarize(records: list[dict[str, Any]], settings: EvalSettings) -> dict[str, Any]:
+    """Accuracy, generated tokens/s, prefill and recurrences per (task, sampler); speedup and accuracy change
+    against the baseline: the first sampler whose name is 'static', else the first sampler."""
+    labels = [s.label for s in settings.samplers]
+    baseline = next((s.label for s in settings.samplers if s.kind == "static"), labels[0])
+    rows = []
+    for task in settings.tasks:
+        base: dict[str, float] | None = None
+        for label in [baseline, *[x for x in labels if x != baseline]]:
+            mine = [r for r in records if r["task"] == task and r["sampler"] == label]
+            if not mine:
+                continue
+            decoded = sum(max(r["generated_tokens"] - 1, 0) for r in mine)
+            decode_s = sum(r["decode_s"] for r in mine)
+            row = {
+                "task": task,
+                "sampler": label,
+                "samples": len(mine),
+                "accuracy": sum(r["correct"] for r in mine) / len(mine),
+                "tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
+                "median_prefill_ms": 1e3 * statistics.median(r["prefill_s"] for r in mine),
+                "mean_generated_tokens": statistics.mean(r["generated_tokens"] for r in mine),
+                "recurrences_per_token": statistics.mean(r["core_steps_per_token"] for r in mine),
+            }
+            if label == baseline:
+                base = row
+            if base is not None:
+                row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
+                row["accuracy_delta"] = row["accuracy"] - base["accuracy"]
+            rows.append(row)
+    return {"settings": settings.to_dict(), "baseline": baseline, "rows": rows}
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    settings = summary["settings"]
+    lines = [
+        f"Model `{settings['model']}`, seed {settings['seed']}, temperature {settings['temperature']}; baseline "
+        f"`{summary['baseline']}`. tokens/s: generated tokens after the first over decode time; prefill separate.",
+        "",
+        "| task | sampler | n | accuracy | Δ acc (pts) | tokens/s | speedup | prefill ms (median) | recur/token |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in summary["rows"]:
+        speedup = f"{row['speedup']:.2f}×" if row.get("speedup") else "–"
+        delta = f"{100 * row['accuracy_delta']:+.1f}" if "accuracy_delta" in row else "–"
+        lines.append(
+            f"| {row['task']} | `{row['sampler']}` | {row['samples']} | {100 * row['accuracy']:.1f}% | {delta} | "
+            f"{row['tokens_per_s']:.1f} | {speedup} | {row['median_prefill_ms']:.1f} | "
+            f"{row['recurrences_per_token']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"

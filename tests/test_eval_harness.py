@@ -1,0 +1,145 @@
+"""The evaluation harness: sampler specs, incremental and resumable runs, the summary table, the sweep's plots and
+the Ray scale-out (same per-sample results as one process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from depthwave.errors import InvalidParameterError
+from depthwave.eval import harness
+from depthwave.eval.harness import EvalSettings, SamplerSpec, parse_samplers, read_records, run_eval
+
+FAST = "static(num_steps=4),quick=diffusion(num_steps=4,inner_recurrence=2)"
+
+
+def _settings(**overrides) -> EvalSettings:  # type: ignore[no-untyped-def]
+    values = dict(model="builtin", tasks=("arithmetic",), samplers=tuple(parse_samplers(FAST)), limit=3, threads=1)
+    values.update(overrides)
+    return EvalSettings(**values)  # type: ignore[arg-type]
+
+
+def test_sampler_specs() -> None:
+    specs = parse_samplers("static, diffusion(inner_recurrence=8,exit_threshold=0.05,mode=reference),s=speculative")
+    assert [s.kind for s in specs] == ["static", "diffusion", "speculative"]
+    assert specs[1].params == {"inner_recurrence": 8, "exit_threshold": 0.05, "mode": "reference"}
+    assert specs[1].label == "diffusion(inner_recurrence=8,exit_threshold=0.05,mode=reference)"
+    assert specs[2].label == "s" and SamplerSpec.parse("adaptive(continuous_compute=true)").params == {
+        "continuous_compute": True
+    }
+    with pytest.raises(InvalidParameterError, match="missing '\\)'"):
+        SamplerSpec.parse("diffusion(inner_recurrence=8")
+    with pytest.raises(InvalidParameterError, match="expected key=value"):
+        SamplerSpec.parse("diffusion(8)")
+    with pytest.raises(InvalidParameterError, match="labels must be unique"):
+        parse_samplers("static,static")
+
+
+def test_run_writes_records_summary_and_table(tmp_path: Path) -> None:
+    summary = run_eval(_settings(), tmp_path)
+    records = read_records(tmp_path)
+    assert len(records) == 6 and {r["sampler"] for r in records} == {"static(num_steps=4)", "quick"}
+    assert all(r["generated_tokens"] >= 1 and r["decode_s"] >= 0 and isinstance(r["correct"], bool) for r in records)
+    rows = {r["sampler"]: r for r in summary["rows"]}
+    assert summary["baseline"] == "static(num_steps=4)" and rows["static(num_steps=4)"]["speedup"] == 1.0
+    static = [r for r in records if r["sampler"] == "static(num_steps=4)"]
+    assert rows["static(num_steps=4)"]["accuracy"] == sum(r["correct"] for r in static) / 3
+    table = (tmp_path / "table.md").read_text()
+    assert "| arithmetic | `quick` | 3 |" in table and "tokens/s" in table
+    assert json.loads((tmp_path / "summary.json").read_text())["rows"] == summary["rows"]
+
+
+def test_an_interrupted_run_resumes_without_recomputing(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    calls: list[tuple[str, int, frozenset[str]]] = []
+    original = harness.Evaluator.run_sample
+
+    def counting(self, task_name, index, sample, skip=frozenset()):  # type: ignore[no-untyped-def]
+        calls.append((task_name, index, frozenset(skip)))
+        return original(self, task_name, index, sample, skip)
+
+    monkeypatch.setattr(harness.Evaluator, "run_sample", counting)
+
+    def interrupt(records: list[dict]) -> None:
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(_settings(), tmp_path, on_records=interrupt)
+    assert len(read_records(tmp_path)) == 4  # two samples, both samplers, flushed before the interruption
+    # A cut-off last line (killed mid-write) is ignored and repaired.
+    with (tmp_path / "samples.jsonl").open("a") as f:
+        f.write('{"task": "arithmetic", "sampler": "quick", "sample_')
+    first = read_records(tmp_path)
+    calls.clear()
+    run_eval(_settings(), tmp_path)
+    assert calls == [("arithmetic", 2, frozenset())]
+    records = read_records(tmp_path)
+    assert records[:4] == first and len(records) == 6
+    assert len({(r["sampler"], r["sample_id"]) for r in records}) == 6
+    # Another sampler list on the same folder is refused rather than mixed in.
+    with pytest.raises(InvalidParameterError, match="holds a run with other settings"):
+        run_eval(_settings(samplers=tuple(parse_samplers("static"))), tmp_path)
+
+
+def test_ray_with_two_workers_gives_the_single_process_results(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    settings = _settings(limit=4)
+    run_eval(settings, tmp_path / "single")
+    run_eval(settings, tmp_path / "ray", workers=2)
+
+    def keyed(folder: Path) -> dict:
+        return {
+            (r["sampler"], r["sample_id"]): (r["token_ids"], r["correct"], r["completion"])
+            for r in read_records(folder)
+        }
+
+    single, sharded = keyed(tmp_path / "single"), keyed(tmp_path / "ray")
+    assert len(single) == 8 and single == sharded
+
+
+def test_cli_eval_and_sweep_plots(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from depthwave.cli import app
+
+    out = tmp_path / "eval"
+    args = ["eval", "--tasks", "arithmetic", "--samplers", FAST, "--limit", "2", "--out", str(out), "--threads", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(read_records(out)) == 4 and (out / "table.md").is_file()
+    bad = CliRunner().invoke(app, ["eval", "--tasks", "nope", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown task 'nope'" in bad.stderr
+
+    sweep_out = tmp_path / "sweep"
+    sweep = [
+        "sweep",
+        "--param",
+        "inner_recurrence=1,2",
+        "--param",
+        "exit_threshold=0.1",
+        "--base",
+        "diffusion(num_steps=4)",
+        "--limit",
+        "2",
+        "--out",
+        str(sweep_out),
+        "--threads",
+        "1",
+    ]
+    result = CliRunner().invoke(app, sweep)
+    assert result.exit_code == 0, result.output
+    assert (sweep_out / "pareto-arithmetic.png").stat().st_size > 10_000
+    assert (sweep_out / "arithmetic-inner_recurrence.png").stat().st_size > 10_000
+    assert (sweep_out / "arithmetic-exit_threshold.png").stat().st_size > 10_000
+    labels = {r["sampler"] for r in read_records(sweep_out)}
+    assert labels == {
+        "static",
+        "diffusion (paper defaults)",
+        "diffusion inner_recurrence=1",
+        "diffusion inner_recurrence=2",
+        "diffusion exit_threshold=0.1",
+    }
+    unknown = CliRunner().invoke(app, ["sweep", "--param", "speed=1,2", "--out", str(tmp_path / "y")])
+    assert unknown.exit_code == 2 and "no parameter(s) ['speed']" in unknown.stderr
