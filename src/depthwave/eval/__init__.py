@@ -1,0 +1,1 @@
+"""Evaluation: tasks, sandboxed code execution, the eval harness."""
