@@ -90,3 +90,22 @@ def test_seeded_draws_repeat_and_follow_the_distribution() -> None:
     assert torch.equal(a, b)
     freq = torch.bincount(a, minlength=3).float() / a.numel()
     torch.testing.assert_close(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["static", "adaptive", "speculative", "diffusion"])
+def test_stop_strings_end_generation_and_cut_the_text(name: str) -> None:
+    from depthwave.llm import LLM
+
+    llm = LLM("builtin", device="cpu")
+    sampler = llm.sampler(name, init_scale=0.0)
+    prompt = llm.encode("A shop gets 26 stamps on Wednesday and 68 stamps on Friday. How many stamps?", chat=True)
+    free = sampler.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=64))
+    assert free.text is not None and " = " in free.text
+    stopped = sampler.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=64, stop=(" = ",)))
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.index(" = ")]
+    assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
+    decode = llm.tokenizer.decode
+    assert " = " in decode(stopped.token_ids) and " = " not in decode(stopped.token_ids[:-1])
+    with pytest.raises(InvalidParameterError, match="stop must be non-empty strings"):
+        SamplingParams(stop=("",))

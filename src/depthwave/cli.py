@@ -115,6 +115,7 @@ def generate(
     repetition_penalty: Annotated[float, typer.Option(help="1 = off.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option()] = 256,
     stop_token_ids: Annotated[str | None, typer.Option(help="Extra stop token ids, e.g. '7,9'.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable); the text ends before it.")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Ignore the model's own stop tokens.")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling and random states.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
@@ -166,6 +167,7 @@ def generate(
             repetition_penalty=repetition_penalty,
             max_new_tokens=max_new_tokens,
             stop_token_ids=tuple(_parse_ids(stop_token_ids, "--stop-token-ids")) if stop_token_ids else (),
+            stop=tuple(stop or ()),
             ignore_eos=ignore_eos,
             seed=seed,
             top_p_rule=top_p_rule,  # type: ignore[arg-type]

@@ -209,6 +209,7 @@ class Evaluator:
             top_p=s.top_p,
             top_k=s.top_k,
             max_new_tokens=s.max_new_tokens or task.default_max_new_tokens,
+            stop=task.stops(chat),
             seed=sample_seed(s.seed, index),
         )
         records = []

@@ -235,7 +235,7 @@ class AdaptiveSampler(Sampler):
         config = model.config
         max_steps = cfg.num_steps or config.mean_recurrence
         budget = self.token_budget(prompt, params)
-        stops = self.stop_ids(params)
+        stopping = self.stop_condition(params)
         generator = self.generator(params)
         select = TokenSelector(params, generator)
         device = model.device
@@ -285,7 +285,7 @@ class AdaptiveSampler(Sampler):
             token = int(tokens[end])
             if not generated:
                 stats.prefill_time_s = watch.lap()
-            if (yield from emit([token], generated, budget, stops)):
+            if (yield from emit([token], generated, budget, stopping)):
                 finish = "stop"
                 break
             if len(generated) == budget:
@@ -304,4 +304,4 @@ class AdaptiveSampler(Sampler):
         }
         if trace is not None:
             stats.extra["criterion_values"] = trace
-        return GenerationResult(prompt, generated, finish, stats, self.decode_text(generated))
+        return GenerationResult(prompt, generated, finish, stats, self.decode_text(generated, params))

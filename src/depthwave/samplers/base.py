@@ -28,7 +28,9 @@ class SamplingParams:
     "standard" keeps the smallest set of tokens whose mass reaches top_p (transformers, vLLM); "reference" is
     the Huginn reference's rule, which filters the top-k probabilities without renormalising them and also drops
     the token whose cumulative mass first exceeds top_p. Stop tokens end generation and are kept in the output;
-    unless `ignore_eos`, the model's own stop tokens (generation_config / tokenizer) apply too."""
+    unless `ignore_eos`, the model's own stop tokens (generation_config / tokenizer) apply too. `stop` strings end
+    generation once the decoded output contains one (the text is cut before it; the tokens keep the one that
+    completed it)."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -37,12 +39,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None
     top_p_rule: TopPRule = "standard"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         require(is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature, ">= 0")
         require(is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
         require(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
@@ -65,6 +69,7 @@ class SamplingParams:
             list(self.stop_token_ids),
             "non-negative integers",
         )
+        require(all(isinstance(t, str) and t for t in self.stop), "stop", list(self.stop), "non-empty strings")
         require(
             self.seed is None or (is_int(self.seed) and self.seed >= 0), "seed", self.seed, "None or an integer >= 0"
         )
@@ -200,13 +205,34 @@ class GenerationStream:
         self.result = yield from self._steps
 
 
-def emit(fresh: list[int], emitted: list[int], budget: int, stops: frozenset[int]) -> Generator[int, None, bool]:
+class StopCondition:
+    """Whether the output so far ends generation: its last token is a stop token, or its decoded tail contains a
+    stop string (checked after every token, so the tail only needs to span the longest stop string)."""
+
+    def __init__(self, ids: frozenset[int], strings: tuple[str, ...], tokenizer: Tokenizer | None) -> None:
+        if strings and tokenizer is None:
+            raise InvalidParameterError("stop strings need the model's tokenizer (tokenizer.json)")
+        self.ids, self.strings, self.tokenizer = ids, strings, tokenizer
+        # A token decodes to at least one character, but a multi-byte character may take several tokens.
+        self.window = 4 * max(map(len, strings), default=0) + 4
+
+    def __call__(self, emitted: list[int]) -> bool:
+        if emitted[-1] in self.ids:
+            return True
+        if not self.strings:
+            return False
+        assert self.tokenizer is not None
+        tail = self.tokenizer.decode(emitted[-self.window :])
+        return any(stop in tail for stop in self.strings)
+
+
+def emit(fresh: list[int], emitted: list[int], budget: int, stop: StopCondition) -> Generator[int, None, bool]:
     """Yield the tokens that just became final, up to the token budget, appending them to `emitted`; returns
-    whether a stop token ended generation (the stop token is emitted, nothing after it)."""
+    whether a stop token or string ended generation (nothing after the token that did is emitted)."""
     for token in fresh[: budget - len(emitted)]:
         emitted.append(token)
         yield token
-        if token in stops:
+        if stop(emitted):
             return True
     return False
 
@@ -302,5 +328,13 @@ class Sampler(ABC):
             return None
         return torch.Generator(device=self.model.device).manual_seed(params.seed)
 
-    def decode_text(self, token_ids: list[int]) -> str | None:
-        return self.tokenizer.decode(token_ids) if self.tokenizer is not None else None
+    def stop_condition(self, params: SamplingParams) -> StopCondition:
+        return StopCondition(self.stop_ids(params), params.stop, self.tokenizer)
+
+    def decode_text(self, token_ids: list[int], params: SamplingParams | None = None) -> str | None:
+        """The output text, cut before the first stop string when `params` has any."""
+        if self.tokenizer is None:
+            return None
+        text = self.tokenizer.decode(token_ids)
+        found = [i for i in (text.find(stop) for stop in (params.stop if params else ())) if i >= 0]
+        return text[: min(found)] if found else text

@@ -290,6 +290,7 @@ class DiffusionSampler(Sampler):
             )
         budget = params.max_new_tokens if reference else self.token_budget(prompt, params)
         stops = self.stop_ids(params)
+        stopping = self.stop_condition(params)
         generator = self.generator(params)
         select = TokenSelector(params, generator)
 
@@ -344,8 +345,8 @@ class DiffusionSampler(Sampler):
             first = int(tokens[prompt_len])
             emitted.append(first)
             yield first
-            if not reference and (first in stops or budget == 1):
-                finish = "stop" if first in stops else "length"
+            if not reference and (stopping(emitted) or budget == 1):
+                finish = "stop" if stopping(emitted) else "length"
         else:
             window = _Window(start=0, size=prompt_len, frozen=prompt_len, length=prompt_len)
             states[:, :prompt_len] = self._random_states(states[:, :prompt_len], generator)
@@ -447,7 +448,7 @@ class DiffusionSampler(Sampler):
                 if step > cfg.max_sampler_steps:
                     break
             else:
-                if (yield from emit(fresh, emitted, budget, stops)):
+                if (yield from emit(fresh, emitted, budget, stopping)):
                     finish = "stop"
                 if step + 1 >= cfg.max_sampler_steps:
                     step += 1
@@ -486,4 +487,4 @@ class DiffusionSampler(Sampler):
         }
         if trace is not None:
             stats.extra["trace"] = trace
-        return GenerationResult(prompt, generated, finish, stats, self.decode_text(generated))  # type: ignore[arg-type]
+        return GenerationResult(prompt, generated, finish, stats, self.decode_text(generated, params))  # type: ignore[arg-type]

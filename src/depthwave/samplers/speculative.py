@@ -109,6 +109,7 @@ class SpeculativeSampler(Sampler):
         lookahead = cfg.lookahead
         budget = params.max_new_tokens if reference else self.token_budget(prompt, params)
         stops = self.stop_ids(params)
+        stopping = self.stop_condition(params)
         generator = self.generator(params)
         select = TokenSelector(params, generator)
         device = model.device
@@ -136,7 +137,7 @@ class SpeculativeSampler(Sampler):
         emitted = [int(tokens[prompt_len])]
         stats.prefill_time_s = watch.lap()
         yield emitted[0]
-        finish = "stop" if not reference and emitted[0] in stops else "length"
+        finish = "stop" if not reference and stopping(emitted) else "length"
         drafted = accepted = rounds = bonus = 0
         core_steps = num_steps
         while finish == "length" and (length - prompt_len if reference else len(emitted)) < budget:
@@ -206,7 +207,7 @@ class SpeculativeSampler(Sampler):
                 yield from fresh
                 if any(t in stops for t in fresh):
                     break
-            elif (yield from emit(fresh, emitted, budget, stops)):
+            elif (yield from emit(fresh, emitted, budget, stopping)):
                 finish = "stop"
         stats.decode_time_s = watch.lap()
         if reference:
@@ -226,7 +227,7 @@ class SpeculativeSampler(Sampler):
             "bonus_tokens": bonus,
             "sequential_core_steps": core_steps,
         }
-        return GenerationResult(prompt, emitted, finish, stats, self.decode_text(emitted))
+        return GenerationResult(prompt, emitted, finish, stats, self.decode_text(emitted, params))
 
     def _accept_greedy(
         self, verify: Tensor, drafts: Tensor, tokens: Tensor, length: int, params: SamplingParams, reference: bool

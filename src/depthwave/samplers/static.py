@@ -58,7 +58,7 @@ class StaticSampler(Sampler):
         model, cfg = self.model, self.params
         num_steps = cfg.num_steps or model.config.mean_recurrence
         budget = self.token_budget(prompt, params)
-        stops = self.stop_ids(params)
+        stopping = self.stop_condition(params)
         generator = self.generator(params)
         select = TokenSelector(params, generator)
         device = model.device
@@ -94,7 +94,7 @@ class StaticSampler(Sampler):
             token = int(tokens[end])
             if not generated:
                 stats.prefill_time_s = watch.lap()
-            if (yield from emit([token], generated, budget, stops)):
+            if (yield from emit([token], generated, budget, stopping)):
                 finish = "stop"
                 break
             if len(generated) == budget:
@@ -105,4 +105,4 @@ class StaticSampler(Sampler):
         stats.decode_time_s = watch.lap()
         stats.core_steps = num_steps * len(generated)
         stats.generated_tokens = len(generated)
-        return GenerationResult(prompt, generated, finish, stats, self.decode_text(generated))
+        return GenerationResult(prompt, generated, finish, stats, self.decode_text(generated, params))
