@@ -95,28 +95,45 @@ def plot_sweep(summary: dict[str, Any], grid: dict[str, list[Any]], base: dict[s
         rows = {r["sampler"]: r for r in summary["rows"] if r["task"] == task}
         if DEFAULT_LABEL not in rows:
             continue
-        fig, ax = plt.subplots(figsize=(7.5, 5.5))
+        fig, ax = plt.subplots(figsize=(8, 5.5))
         points = [(r["tokens_per_s"], 100 * r["accuracy"], label) for label, r in rows.items()]
-        for speed, accuracy, label in points:
-            special = label in (STATIC_LABEL, DEFAULT_LABEL)
-            ax.scatter(speed, accuracy, s=60 if special else 30, marker="*" if special else "o", zorder=3)
-            ax.annotate(
-                label.replace("diffusion ", ""),
-                (speed, accuracy),
-                fontsize=7,
-                xytext=(4, 3),
-                textcoords="offset points",
-            )
+        colors = {name: f"C{i + 2}" for i, name in enumerate(grid)}
+        span = max(p[0] for p in points) - min(p[0] for p in points) or 1.0
+        level, previous = 0, None
+        for speed, accuracy, label in sorted(points):
+            family = label.removeprefix("diffusion ").split("=")[0]
+            if label == STATIC_LABEL:
+                ax.scatter(speed, accuracy, s=90, marker="*", color="C0", zorder=3, label="static AR")
+            elif label == DEFAULT_LABEL:
+                ax.scatter(speed, accuracy, s=90, marker="*", color="C1", zorder=3, label="paper defaults")
+            else:
+                ax.scatter(speed, accuracy, s=30, color=colors.get(family, "grey"), zorder=3, label=family)
+            # Stagger the labels of points that sit close together so that they stay readable.
+            level = level + 1 if previous is not None and speed - previous < 0.04 * span else 0
+            previous = speed
+            text = label.split("=")[-1] if "=" in label else ""
+            if text:
+                ax.annotate(
+                    text,
+                    (speed, accuracy),
+                    fontsize=7,
+                    xytext=(3, 4 + 9 * (level % 5)),
+                    textcoords="offset points",
+                    color=colors.get(family, "grey"),
+                )
+        handles, names = ax.get_legend_handles_labels()
+        unique = dict(zip(names, handles, strict=True))  # one legend entry per parameter
         frontier = []
         for speed, accuracy, _ in sorted(points, key=lambda p: (-p[0], -p[1])):
             if not frontier or accuracy > frontier[-1][1]:
                 frontier.append((speed, accuracy))
-        ax.plot([p[0] for p in frontier], [p[1] for p in frontier], "--", color="grey", lw=1, label="Pareto frontier")
+        (line,) = ax.plot([p[0] for p in frontier], [p[1] for p in frontier], "--", color="grey", lw=1)
+        unique["Pareto frontier"] = line
         ax.set_xlabel("generated tokens/s")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{task}: diffusion forcing sampler variants vs static AR")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8, title="varied (labels: value)")
         fig.tight_layout()
         path = folder / f"pareto-{task}.png"
         fig.savefig(path, dpi=130)
