@@ -143,3 +143,26 @@ def test_cli_eval_and_sweep_plots(tmp_path: Path) -> None:
     }
     unknown = CliRunner().invoke(app, ["sweep", "--param", "speed=1,2", "--out", str(tmp_path / "y")])
     assert unknown.exit_code == 2 and "no parameter(s) ['speed']" in unknown.stderr
+
+
+def test_a_sample_that_cannot_be_generated_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
+    data = tmp_path / "problems.jsonl"
+    rows = [
+        {
+            "question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+            "answer": "3 + 4 = 7.\nThe answer is 7.",
+        },
+        {
+            "question": "How many? " * 200,
+            "answer": "The answer is 1.",
+        },  # longer than the built-in model's 256-token context
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = _settings(limit=None, data={"arithmetic": str(data)})
+    summary = run_eval(settings, tmp_path / "out")
+    records = read_records(tmp_path / "out")
+    assert len(records) == 4
+    failed = [r for r in records if "error" in r]
+    assert len(failed) == 2 and all("context" in r["error"] and not r["correct"] for r in failed)
+    assert all(row["errors"] == 1 and row["samples"] == 2 for row in summary["rows"])
+    assert "| errors |" in (tmp_path / "out" / "table.md").read_text()

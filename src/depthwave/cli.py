@@ -336,13 +336,15 @@ def _print_summary(summary: dict[str, Any], folder: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"{summary['settings']['model']} (baseline {summary['baseline']})")
-    for column in ("task", "sampler", "n", "accuracy", "Δ acc", "tokens/s", "speedup", "prefill ms", "recur/tok"):
+    columns = ("task", "sampler", "n", "errors", "accuracy", "Δ acc", "tokens/s", "speedup", "prefill ms", "recur/tok")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("task", "sampler") else "right")
     for row in summary["rows"]:
         table.add_row(
             row["task"],
             row["sampler"],
             str(row["samples"]),
+            str(row["errors"]),
             f"{100 * row['accuracy']:.1f}%",
             f"{100 * row['accuracy_delta']:+.1f}" if "accuracy_delta" in row else "-",
             f"{row['tokens_per_s']:.1f}",

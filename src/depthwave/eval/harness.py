@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from depthwave.errors import InvalidParameterError
+from depthwave.errors import DepthwaveError, InvalidParameterError
 from depthwave.eval.tasks import Sample, Task, get_task
 
 RECORDS_FILE = "samples.jsonl"
@@ -203,29 +203,34 @@ class Evaluator:
         s = self.settings
         task = self.tasks[task_name]
         chat = self.uses_chat(task)
-        ids = self.prompt_ids(task, sample)
-        params = SamplingParams(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            max_new_tokens=s.max_new_tokens or task.default_max_new_tokens,
-            stop=task.stops(chat),
-            seed=sample_seed(s.seed, index),
-        )
+        labels = [label for label in self.samplers if label not in skip]
+        base = {"task": task_name, "sample_id": sample.id, "index": index}
+        try:
+            ids = self.prompt_ids(task, sample)
+            params = SamplingParams(
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                max_new_tokens=s.max_new_tokens or task.default_max_new_tokens,
+                stop=task.stops(chat),
+                seed=sample_seed(s.seed, index),
+            )
+        except DepthwaveError as exc:
+            return [failed({**base, "sampler": label}, exc) for label in labels]
         records = []
-        for label, sampler in self.samplers.items():
-            if label in skip:
+        for label in labels:
+            try:
+                result = self.samplers[label].generate(ids, params)
+            except DepthwaveError as exc:  # e.g. a prompt longer than the model's context: recorded, run goes on
+                records.append(failed({**base, "sampler": label, "prompt_tokens": len(ids)}, exc))
                 continue
-            result = sampler.generate(ids, params)
             text = result.text if result.text is not None else ""
             score = task.score(sample, text, chat=chat)
             stats = result.stats
             records.append(
                 {
-                    "task": task_name,
+                    **base,
                     "sampler": label,
-                    "sample_id": sample.id,
-                    "index": index,
                     "correct": bool(score.correct),
                     "extracted": score.extracted,
                     "details": score.details,
@@ -240,6 +245,25 @@ class Evaluator:
                 }
             )
         return records
+
+
+def failed(record: dict[str, Any], exc: Exception) -> dict[str, Any]:
+    """The record of a sample that could not be generated: scored wrong, with the error, no timing."""
+    return {
+        "correct": False,
+        "extracted": None,
+        "details": {},
+        "completion": "",
+        "finish_reason": "error",
+        "prompt_tokens": 0,
+        "generated_tokens": 0,
+        "prefill_s": 0.0,
+        "decode_s": 0.0,
+        "core_steps_per_token": 0.0,
+        "token_ids": [],
+        **record,
+        "error": str(exc),
+    }
 
 
 def read_records(folder: Path) -> list[dict[str, Any]]:
@@ -358,17 +382,19 @@ def summarize(records: list[dict[str, Any]], settings: EvalSettings) -> dict[str
             mine = [r for r in records if r["task"] == task and r["sampler"] == label]
             if not mine:
                 continue
-            decoded = sum(max(r["generated_tokens"] - 1, 0) for r in mine)
-            decode_s = sum(r["decode_s"] for r in mine)
+            ran = [r for r in mine if "error" not in r] or [failed({}, Exception())]
+            decoded = sum(max(r["generated_tokens"] - 1, 0) for r in ran)
+            decode_s = sum(r["decode_s"] for r in ran)
             row = {
                 "task": task,
                 "sampler": label,
                 "samples": len(mine),
+                "errors": len(mine) - len([r for r in mine if "error" not in r]),
                 "accuracy": sum(r["correct"] for r in mine) / len(mine),
                 "tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
-                "median_prefill_ms": 1e3 * statistics.median(r["prefill_s"] for r in mine),
-                "mean_generated_tokens": statistics.mean(r["generated_tokens"] for r in mine),
-                "recurrences_per_token": statistics.mean(r["core_steps_per_token"] for r in mine),
+                "median_prefill_ms": 1e3 * statistics.median(r["prefill_s"] for r in ran),
+                "mean_generated_tokens": statistics.mean(r["generated_tokens"] for r in ran),
+                "recurrences_per_token": statistics.mean(r["core_steps_per_token"] for r in ran),
             }
             if label == baseline:
                 base = row
@@ -383,16 +409,19 @@ def markdown_table(summary: dict[str, Any]) -> str:
     settings = summary["settings"]
     lines = [
         f"Model `{settings['model']}`, seed {settings['seed']}, temperature {settings['temperature']}; baseline "
-        f"`{summary['baseline']}`. tokens/s: generated tokens after the first over decode time; prefill separate.",
+        f"`{summary['baseline']}`. tokens/s: generated tokens after the first over decode time; prefill ms: median "
+        "prompt time up to the first token. "
+        "Samples that failed to generate count as wrong (errors column).",
         "",
-        "| task | sampler | n | accuracy | Δ acc (pts) | tokens/s | speedup | prefill ms (median) | recur/token |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| task | sampler | n | errors | accuracy | Δ acc (pts) | tokens/s | speedup | prefill ms | recur/token |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary["rows"]:
         speedup = f"{row['speedup']:.2f}×" if row.get("speedup") else "–"
         delta = f"{100 * row['accuracy_delta']:+.1f}" if "accuracy_delta" in row else "–"
         lines.append(
-            f"| {row['task']} | `{row['sampler']}` | {row['samples']} | {100 * row['accuracy']:.1f}% | {delta} | "
+            f"| {row['task']} | `{row['sampler']}` | {row['samples']} | {row['errors']} | "
+            f"{100 * row['accuracy']:.1f}% | {delta} | "
             f"{row['tokens_per_s']:.1f} | {speedup} | {row['median_prefill_ms']:.1f} | "
             f"{row['recurrences_per_token']:.1f} |"
         )
