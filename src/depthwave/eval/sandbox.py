@@ -598,6 +598,18 @@ def prepare(cfg):
             err = ctypes.get_errno()
             raise OSError(err, "%s: %s" % (what, os.strerror(err)))
 
+    import_roots = sorted(
+        {
+            os.path.realpath(path)
+            for path in (*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+            if isinstance(path, str) and path.startswith("/")
+        }
+    )
+    # Before the mounts: an interpreter or virtual environment under /tmp (a checkout there) would vanish under
+    # the private /tmp, and one under a 0700 directory is out of the sandbox uid's reach.
+    hidden = tuple(cfg["shared_tmp"]) if cfg["private_mounts"] else ()
+    if uid is not None or hidden:
+        keep_imports_reachable(hidden)
     if cfg["private_mounts"]:
         ms_nosuid, ms_nodev, ms_noexec, ms_rec, ms_private = 2, 4, 8, 16384, 1 << 18
         sealed = ms_nosuid | ms_nodev | ms_noexec
@@ -614,15 +626,6 @@ def prepare(cfg):
         os.mkdir(tmp, 0o700)
         os.chown(tmp, uid, gid)
 
-    import_roots = sorted(
-        {
-            os.path.realpath(path)
-            for path in (*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
-            if isinstance(path, str) and path.startswith("/")
-        }
-    )
-    if uid is not None:
-        keep_imports_reachable()
     for name, soft, hard in cfg["rlimits"]:
         resource.setrlimit(getattr(resource, name), (soft, hard))
     check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
@@ -675,13 +678,19 @@ def reachable_by_others(path):
     return bool(mode & stat.S_IXOTH and mode & stat.S_IROTH)
 
 
-def keep_imports_reachable():
-    # Import directories the sandbox uid cannot enter (an interpreter under a 0700 /root) stay usable through
-    # descriptors opened now, as /proc/self/fd/N: the kernel lets a process follow its own descriptors.
+def keep_imports_reachable(hidden=()):
+    # Import directories the sandbox uid cannot enter (an interpreter under a 0700 /root) or that the private
+    # mounts will cover (`hidden`) stay usable through descriptors opened now, as /proc/self/fd/N: the kernel lets a
+    # process follow its own descriptors, and they keep pointing at the original directories.
     moved = {}
     entries = []
     for entry in sys.path:
-        if isinstance(entry, str) and os.path.isdir(entry) and not reachable_by_others(entry):
+        if not (isinstance(entry, str) and os.path.isdir(entry)):
+            entries.append(entry)
+            continue
+        real = os.path.realpath(entry)
+        covered = any(real == top or real.startswith(top + "/") for top in hidden)
+        if covered or not reachable_by_others(entry):
             fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
             moved[entry] = "/proc/self/fd/%d" % fd
             entry = moved[entry]
