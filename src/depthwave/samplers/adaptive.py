@@ -134,7 +134,9 @@ class ExitCriterion:
 
     def reset(self, initial_state: Tensor) -> None:
         if self.name in ("latent-diff", "cosine"):
-            self.previous = initial_state.clone()
+            # States are never modified in place (each recurrence returns a new tensor), so keeping a reference
+            # is enough: no copy per step.
+            self.previous = initial_state
         elif self.name in ("kl", "minp-kl"):
             self.previous = torch.full((self.vocab_size,), -math.log(self.vocab_size), device=initial_state.device)
         elif self.name == "entropy-diff":
@@ -155,11 +157,11 @@ class ExitCriterion:
             return self.stable_steps >= self.threshold, float(self.stable_steps)
         if name == "latent-diff":
             value = ((state - self.previous).norm(dim=-1) / state.norm(dim=-1)).mean()
-            self.previous = state.clone()
+            self.previous = state
         elif name == "cosine":
             cosine = (state * self.previous).sum(dim=-1) / state.norm(dim=-1) / self.previous.norm(dim=-1)
             value = 1 - cosine.mean()
-            self.previous = state.clone()
+            self.previous = state
         elif name == "entropy-diff":
             assert logits is not None
             probs = logits.softmax(dim=-1)
