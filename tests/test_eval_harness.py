@@ -166,3 +166,25 @@ def test_a_sample_that_cannot_be_generated_is_recorded_and_the_run_goes_on(tmp_p
     assert len(failed) == 2 and all("context" in r["error"] and not r["correct"] for r in failed)
     assert all(row["errors"] == 1 and row["samples"] == 2 for row in summary["rows"])
     assert "| errors |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_the_local_ray_cluster_listens_on_loopback_only() -> None:
+    import shutil
+    import subprocess
+
+    ray = pytest.importorskip("ray")
+    if shutil.which("ss") is None:
+        pytest.skip("needs `ss` to list listening sockets")
+    from depthwave.eval.distributed import start_local_ray
+
+    start_local_ray(1)
+    try:
+        listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout.splitlines()
+    finally:
+        ray.shutdown()
+    names = ("gcs_server", "raylet", "ray::")
+    ours = [line for line in listening if any(f'(("{name}' in line for name in names)]
+    assert ours, "the Ray processes were not found among the listening sockets"
+    for line in ours:
+        local = line.split()[3]
+        assert local.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")), line

@@ -2,12 +2,13 @@
 cluster), samples handed out as workers free up, records streamed back to the driver, which alone writes the
 output files, so a sharded run produces the same files as a single-process one and resumes the same way.
 
-Locally, `ray.init` starts a private cluster bound to 127.0.0.1 with `workers` CPUs; given an address (for example
-"auto" inside a cluster job, or "ray://head:10001"), it joins that cluster unchanged.
+Locally, a private cluster listening on 127.0.0.1 only, with `workers` CPUs, is started (`start_local_ray`); given
+an address (for example "auto" inside a cluster job, or "ray://head:10001"), it joins that cluster unchanged.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,26 +30,40 @@ class _Worker:
         return self.evaluator.run_sample(task_name, index, sample, skip)
 
 
+def start_local_ray(cpus: int) -> None:
+    """A private single-machine Ray cluster whose processes listen on 127.0.0.1 only.
+
+    Ray turns a loopback `_node_ip_address` into the machine's external address, and its servers then listen on
+    every interface. Its "no cluster" switch (named for Windows and macOS, honoured on Linux too) keeps the node on
+    the loopback address, and the servers bind to it: set for this process and, through the environment, for the
+    processes Ray starts."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray = require("ray", "running the evaluation on several workers")
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(
+        num_cpus=cpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+
+
 def run_distributed(
     settings: EvalSettings, work: list[Work], workers: int, address: str | None = None
 ) -> Iterator[list[dict[str, Any]]]:
     """Yield each sample's records as a worker finishes it (in completion order)."""
-    ray = require("ray", "running the evaluation on several workers")
     if not work:
         return
+    ray = require("ray", "running the evaluation on several workers")
     started_here = not ray.is_initialized()
     if started_here:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            # Loopback only: by default Ray would advertise the machine's external interface.
-            ray.init(
-                num_cpus=workers,
-                _node_ip_address="127.0.0.1",
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+            start_local_ray(workers)
     try:
         gpus = 1 if (settings.device or "").startswith("cuda") else 0
         actor = ray.remote(num_cpus=1, num_gpus=gpus)(_Worker)
