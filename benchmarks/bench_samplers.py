@@ -45,7 +45,7 @@ PAPER_DIFFUSION = dict(inner_recurrence=4, exit_threshold=0.03, momentum=0.1, no
 
 CRITERIA = ("latent-diff", "kl", "minp-kl", "entropy-diff", "argmax-stability", "cosine")
 ADAPTIVE_SWEEP = [{"criterion": c} for c in CRITERIA]
-SPECULATIVE_SWEEP = [{"draft_steps": d, "lookahead": k} for d in (1, 2, 4, 8) for k in (2, 4, 8)]
+SPECULATIVE_SWEEP = [{"draft_steps": d, "lookahead": k} for d in (1, 2, 4, 8) for k in (2, 4, 8, 16, 32)]
 
 Row = tuple[str, dict[str, Any]]
 

@@ -15,7 +15,8 @@ Layers, outermost first (`isolation_layers()` names the ones active on this mach
   limit is enforced (the kernel ignores RLIMIT_NPROC for root), it cannot signal or trace other processes, and
   every process left with that uid is killed afterwards. The interpreter starts as root and drops privileges
   before the program is compiled, so the interpreter may live where the sandbox uid cannot reach (e.g. under a
-  0700 /root): import directories it cannot enter are reopened through descriptors taken before the drop.
+  0700 /root): import directories it cannot enter, or that the private /tmp below would hide (a checkout under
+  /tmp), are reopened through descriptors taken before the drop and the mounts.
 - namespaces (`unshare` from util-linux, when it works here): a fresh network namespace (no network, not even
   loopback of the host) and IPC namespace; as root also a mount namespace in which the working directory is a
   size-limited, noexec tmpfs and the world-writable /tmp, /var/tmp and /dev/shm are replaced by empty tmpfs that
