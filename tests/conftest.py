@@ -49,3 +49,20 @@ def micro_config(**overrides: Any) -> HuginnConfig:
     )
     values.update(overrides)
     return HuginnConfig(**values)
+
+
+def check_stops_streaming_and_seeds(sampler: Any, prompt: list[int], budget: int, stop_at: int) -> None:
+    """What every sampler owes `SamplingParams`: the budget is exact, a stop token ends generation where it first
+    appears (kept), streamed tokens are the result's, and a seeded sampled run repeats."""
+    from depthwave import SamplingParams
+
+    free = sampler.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=budget, seed=3))
+    assert len(free.token_ids) == budget and free.finish_reason == "length"
+    stop = free.token_ids[stop_at]
+    stopping = SamplingParams(temperature=0.0, max_new_tokens=budget, seed=3, stop_token_ids=(stop,))
+    stopped = sampler.generate(prompt, stopping)
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop) + 1] and stopped.finish_reason == "stop"
+    seeded = SamplingParams(temperature=1.0, max_new_tokens=12, seed=7)
+    streamed: list[int] = []
+    first = sampler.generate(prompt, seeded, on_token=streamed.append)
+    assert streamed == first.token_ids == sampler.generate(prompt, seeded).token_ids

@@ -11,7 +11,13 @@ import torch
 from depthwave import InvalidParameterError, SamplingParams, StaticParams, StaticSampler, random_model
 from depthwave.model import load_model
 from depthwave.samplers.adaptive import AUTO_THRESHOLDS, AdaptiveParams, AdaptiveSampler
-from tests.conftest import REFERENCE_FIXTURES, fixture_dir, fixture_json, micro_config
+from tests.conftest import (
+    REFERENCE_FIXTURES,
+    check_stops_streaming_and_seeds,
+    fixture_dir,
+    fixture_json,
+    micro_config,
+)
 
 PROMPT = [3, 141, 59, 26, 5]
 
@@ -137,16 +143,7 @@ def test_per_step_cache_hides_positions_that_exited_before_a_step() -> None:
 
 def test_stop_budget_stream_and_seed(model) -> None:  # type: ignore[no-untyped-def]
     sampler = AdaptiveSampler(model, params=AdaptiveParams(criterion="kl", exit_threshold=1e-2, init_scale=1.0))
-    free = sampler.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=12, seed=1))
-    assert len(free.token_ids) == 12 and free.finish_reason == "length"
-    stop = free.token_ids[5]
-    stopping = SamplingParams(temperature=0.0, max_new_tokens=12, seed=1, stop_token_ids=(stop,))
-    stopped = sampler.generate(PROMPT, stopping)
-    assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop) + 1] and stopped.finish_reason == "stop"
-    seeded = SamplingParams(temperature=1.0, max_new_tokens=12, seed=7)
-    streamed: list[int] = []
-    first = sampler.generate(PROMPT, seeded, on_token=streamed.append)
-    assert streamed == first.token_ids == sampler.generate(PROMPT, seeded).token_ids
+    check_stops_streaming_and_seeds(sampler, PROMPT, budget=12, stop_at=5)
 
 
 def test_continuous_compute_warm_starts_from_the_previous_state(model) -> None:  # type: ignore[no-untyped-def]

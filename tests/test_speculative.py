@@ -13,7 +13,13 @@ from depthwave.llm import LLM
 from depthwave.model import load_model
 from depthwave.samplers.base import filtered_probs
 from depthwave.samplers.speculative import SpeculativeParams, SpeculativeSampler
-from tests.conftest import REFERENCE_FIXTURES, fixture_dir, fixture_json, micro_config
+from tests.conftest import (
+    REFERENCE_FIXTURES,
+    check_stops_streaming_and_seeds,
+    fixture_dir,
+    fixture_json,
+    micro_config,
+)
 
 PROMPT = [3, 141, 59, 26, 5]
 
@@ -87,16 +93,7 @@ def test_rollback_keeps_greedy_output_exact(model, cache_mode: str, draft_steps:
 
 def test_stop_budget_stream_and_seed(model) -> None:  # type: ignore[no-untyped-def]
     sampler = SpeculativeSampler(model, params=SpeculativeParams(draft_steps=2, lookahead=4, init_scale=1.0))
-    free = sampler.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=13, seed=3))
-    assert len(free.token_ids) == 13 and free.finish_reason == "length"
-    stop = free.token_ids[6]
-    stopping = SamplingParams(temperature=0.0, max_new_tokens=13, seed=3, stop_token_ids=(stop,))
-    stopped = sampler.generate(PROMPT, stopping)
-    assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop) + 1] and stopped.finish_reason == "stop"
-    seeded = SamplingParams(temperature=1.0, max_new_tokens=12, seed=7)
-    streamed: list[int] = []
-    first = sampler.generate(PROMPT, seeded, on_token=streamed.append)
-    assert streamed == first.token_ids == sampler.generate(PROMPT, seeded).token_ids
+    check_stops_streaming_and_seeds(sampler, PROMPT, budget=13, stop_at=6)
 
 
 def _rank_counts(llm: LLM, mode: str, prompt: list[int], runs: int, params: SamplingParams) -> tuple[Any, Any]:

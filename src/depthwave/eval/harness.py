@@ -21,7 +21,7 @@ import ast
 import json
 import os
 import statistics
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -196,7 +196,7 @@ class Evaluator:
             return self.llm.encode_messages(messages)
         return self.llm.encode(task.plain_prompt(sample))
 
-    def run_sample(self, task_name: str, index: int, sample: Sample, skip: set[str] = frozenset()) -> list[dict]:  # type: ignore[assignment]
+    def run_sample(self, task_name: str, index: int, sample: Sample, skip: Collection[str] = ()) -> list[dict]:
         """Every sampler (but those in `skip`) on one sample, in the settings' order."""
         from depthwave.samplers import SamplingParams
 

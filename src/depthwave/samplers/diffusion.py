@@ -345,8 +345,8 @@ class DiffusionSampler(Sampler):
             first = int(tokens[prompt_len])
             emitted.append(first)
             yield first
-            if not reference and (stopping(emitted) or budget == 1):
-                finish = "stop" if stopping(emitted) else "length"
+            if not reference and stopping(emitted):
+                finish = "stop"
         else:
             window = _Window(start=0, size=prompt_len, frozen=prompt_len, length=prompt_len)
             states[:, :prompt_len] = self._random_states(states[:, :prompt_len], generator)
