@@ -1,4 +1,7 @@
-"""Exceptions that carry a message meant for the user, printed as one line by the CLI."""
+"""Exceptions that carry a message meant for the user, printed as one line by the CLI, and the small checks that
+parameter dataclasses validate their fields with."""
+
+from typing import Any
 
 
 class DepthwaveError(Exception):
@@ -19,3 +22,17 @@ class InvalidParameterError(DepthwaveError, ValueError):
 
 class PromptError(DepthwaveError, ValueError):
     """A prompt is empty, holds unknown token ids, or does not fit in the model's context."""
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def require(ok: bool, name: str, value: Any, what: str) -> None:
+    """Raise InvalidParameterError naming the field, its value and what it must be, unless `ok`."""
+    if not ok:
+        raise InvalidParameterError(f"{name} must be {what}, got {value!r}")

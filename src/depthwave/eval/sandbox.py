@@ -73,7 +73,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from depthwave.errors import InvalidParameterError
+from depthwave.errors import is_int, require
 
 Status = Literal["pass", "fail", "timeout", "crash"]
 
@@ -90,15 +90,6 @@ _UIDS_LOCK = threading.Lock()
 _UIDS_TAKEN: set[int] = set()
 
 
-def _require(ok: bool, name: str, value: Any, what: str) -> None:
-    if not ok:
-        raise InvalidParameterError(f"{name} must be {what}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class SandboxLimits:
     """What one program may use. `max_processes` counts processes and threads beyond the program itself."""
@@ -112,31 +103,29 @@ class SandboxLimits:
 
     def __post_init__(self) -> None:
         timeout = self.timeout_s
-        _require(
+        require(
             isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < math.inf,
             "timeout_s",
             timeout,
             "a finite number of seconds > 0",
         )
         # The interpreter itself needs some address space and a few descriptors before the program runs.
-        _require(_is_int(self.memory_mb) and self.memory_mb >= 64, "memory_mb", self.memory_mb, "an integer >= 64")
-        _require(
-            _is_int(self.max_processes) and self.max_processes >= 0,
+        require(is_int(self.memory_mb) and self.memory_mb >= 64, "memory_mb", self.memory_mb, "an integer >= 64")
+        require(
+            is_int(self.max_processes) and self.max_processes >= 0,
             "max_processes",
             self.max_processes,
             "an integer >= 0",
         )
-        _require(
-            _is_int(self.max_file_mb) and self.max_file_mb >= 1, "max_file_mb", self.max_file_mb, "an integer >= 1"
-        )
-        _require(
-            _is_int(self.max_open_files) and self.max_open_files >= 16,
+        require(is_int(self.max_file_mb) and self.max_file_mb >= 1, "max_file_mb", self.max_file_mb, "an integer >= 1")
+        require(
+            is_int(self.max_open_files) and self.max_open_files >= 16,
             "max_open_files",
             self.max_open_files,
             "an integer >= 16",
         )
-        _require(
-            _is_int(self.output_limit_bytes) and self.output_limit_bytes >= 1,
+        require(
+            is_int(self.output_limit_bytes) and self.output_limit_bytes >= 1,
             "output_limit_bytes",
             self.output_limit_bytes,
             "an integer >= 1",
@@ -167,7 +156,7 @@ def run_tests(program: str, tests: str, limits: SandboxLimits = DEFAULT_LIMITS) 
     """Run a completion followed by its tests, e.g. HumanEval's prompt + completion and `check(entry_point)`.
 
     Passes only if the tests run to their end: a program that exits early (exit(0) before the checks) fails."""
-    _require(isinstance(tests, str), "tests", type(tests).__name__, "a str")
+    require(isinstance(tests, str), "tests", type(tests).__name__, "a str")
     return _run_checked(program + "\n\n" + tests, limits, "", require_completion=True)
 
 
@@ -216,9 +205,9 @@ def _isolation() -> _Isolation:
 
 
 def _run_checked(source: str, limits: SandboxLimits, stdin: str, require_completion: bool) -> SandboxResult:
-    _require(isinstance(source, str), "source", type(source).__name__, "a str")
-    _require(isinstance(limits, SandboxLimits), "limits", type(limits).__name__, "a SandboxLimits")
-    _require(isinstance(stdin, str), "stdin", type(stdin).__name__, "a str")
+    require(isinstance(source, str), "source", type(source).__name__, "a str")
+    require(isinstance(limits, SandboxLimits), "limits", type(limits).__name__, "a SandboxLimits")
+    require(isinstance(stdin, str), "stdin", type(stdin).__name__, "a str")
     return _execute(source, limits, stdin, _isolation(), require_completion)
 
 

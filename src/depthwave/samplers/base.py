@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from depthwave.errors import InvalidParameterError, PromptError
+from depthwave.errors import InvalidParameterError, PromptError, is_int, is_number, require
 
 if TYPE_CHECKING:
     from depthwave.model.model import RecurrentDepthModel
@@ -80,19 +80,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-
-
-def require(ok: bool, name: str, value: Any, what: str) -> None:
-    if not ok:
-        raise InvalidParameterError(f"{name} must be {what}, got {value!r}")
 
 
 class TokenSelector:
