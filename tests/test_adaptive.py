@@ -3,6 +3,7 @@ consistent cache, and the shared sampler behaviour (stops, budget, seeds, stream
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -59,8 +60,8 @@ def test_matches_every_recorded_case(name: str) -> None:
         sampler = AdaptiveSampler(model, params=params)
         budget = SamplingParams(temperature=0.0, max_new_tokens=case["args"]["max_new_tokens"])
         result = sampler.generate(prompts[case["prompt_index"]], budget)
-        steps = result.stats.extra["recurrences_per_token"]
-        values = result.stats.extra["criterion_values"]
+        steps = result.stats.recurrences_per_token
+        values = result.stats.criterion_values
         exact = result.token_ids == case["new_token_ids"] and steps == case["steps_per_token"]
         if (name, case["id"]) in THRESHOLD_NEAR_TIES and not exact:
             # It flips or not with the thread count (summation order). Identical up to the near-tie, which must
@@ -90,8 +91,8 @@ def test_an_early_exit_skips_the_remaining_recurrences(model, monkeypatch) -> No
     monkeypatch.setattr(model, "core_step", lambda *a, **k: calls.append(1) or original(*a, **k))
     sampler = AdaptiveSampler(model, params=AdaptiveParams(criterion="latent-diff", exit_threshold=0.2, init_scale=0))
     result = sampler.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=12))
-    steps = result.stats.extra["recurrences_per_token"]
-    assert min(steps) < 8 and result.stats.extra["early_exits"] > 0
+    steps = result.stats.recurrences_per_token
+    assert min(steps) < 8 and result.stats.early_exits > 0
     assert len(calls) == sum(steps) == result.stats.core_steps
 
 
@@ -102,7 +103,7 @@ def test_without_a_criterion_it_is_static_decoding(model, cache_mode: str) -> No
     adaptive = AdaptiveSampler(model, params=AdaptiveParams(criterion="none", init_scale=0.0, cache_mode=cache_mode))  # type: ignore[arg-type]
     result = adaptive.generate(PROMPT, params)
     assert result.token_ids == static.token_ids
-    assert result.stats.extra["recurrences_per_token"] == [8] * 10
+    assert result.stats.recurrences_per_token == [8] * 10
 
 
 def _parallel_replay(model, tokens: list[int], prompt_len: int, depth: torch.Tensor, hide: bool) -> list[int]:  # type: ignore[no-untyped-def]
@@ -117,8 +118,8 @@ def _parallel_replay(model, tokens: list[int], prompt_len: int, depth: torch.Ten
             if hide:
                 mask &= (depth > step)[None, :]
             mask |= torch.eye(size, dtype=torch.bool)
-            span = model.span(0, size)
-            new = model.core_step(state, embedded, span=type(span)(0, span.rotation, mask, False))
+            at = dataclasses.replace(model.positions([0], [size], cached=False), mask=mask, is_causal=False)
+            new = model.core_step(state, embedded, at)
             state = torch.where((depth > step)[None, :, None], new, state)  # an exited position stays put
         return model.coda_logits(state)[0][0, prompt_len - 1 :].argmax(dim=-1).tolist()
 
@@ -131,7 +132,7 @@ def test_per_step_cache_hides_positions_that_exited_before_a_step() -> None:
         criterion="latent-diff", exit_threshold=0.05, num_steps=16, init_scale=0, cache_mode="per-step"
     )
     result = AdaptiveSampler(model, params=params).generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=24))
-    steps = result.stats.extra["recurrences_per_token"]
+    steps = result.stats.recurrences_per_token
     assert len(set(steps)) > 2, "the check needs tokens of different depths"
     # The prompt ran steps[0] recurrences; generated token i, fed back, ran steps[i + 1].
     depth = torch.tensor([steps[0]] * len(prompt) + steps[1:])
@@ -152,8 +153,8 @@ def test_continuous_compute_warm_starts_from_the_previous_state(model) -> None: 
     warm = AdaptiveSampler(model, params=AdaptiveParams(**settings, continuous_compute=True))
     params = SamplingParams(temperature=0.0, max_new_tokens=10)
     a, b = cold.generate(PROMPT, params), warm.generate(PROMPT, params)
-    assert a.stats.extra["recurrences_per_token"] != b.stats.extra["recurrences_per_token"]
-    assert b.stats.extra["recurrences_per_token"] == warm.generate(PROMPT, params).stats.extra["recurrences_per_token"]
+    assert a.stats.recurrences_per_token != b.stats.recurrences_per_token
+    assert b.stats.recurrences_per_token == warm.generate(PROMPT, params).stats.recurrences_per_token
 
 
 @pytest.mark.parametrize(

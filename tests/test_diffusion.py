@@ -50,13 +50,13 @@ def _run_reference_cases(name: str, select: Any = lambda case: True) -> int:
         prompt = prompts[case["prompt_index"]]
         result = sampler.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=args["max_new_tokens"]))
         assert result.token_ids == case["new_token_ids"], case["id"]
-        extra = result.stats.extra
+        stats = result.stats
         ours = (
-            extra["sampler_steps"],
-            extra["core_forward_passes"],
-            extra["token_positions_forwarded"],
-            extra["cache_rollback_positions"],
-            extra["standing_waves"],
+            stats.sampler_steps,
+            stats.core_forward_passes,
+            stats.token_positions_forwarded,
+            stats.cache_rollback_positions,
+            stats.standing_waves,
         )
         theirs = (
             recorded["diffusion_steps"],
@@ -72,7 +72,7 @@ def _run_reference_cases(name: str, select: Any = lambda case: True) -> int:
             counts = recorded["recurrence_per_position"][0]
             expected = counts[len(prompt) - 1 : len(prompt) - 1 + len(result.token_ids)]
             expected[1:2] = [c - args["num_steps"] for c in expected[1:2]]
-            assert extra["recurrences_per_token"] == expected, case["id"]
+            assert stats.recurrences_per_token == expected, case["id"]
         checked += 1
     return checked
 
@@ -121,8 +121,8 @@ def test_one_position_wavefront_without_convergence_is_static_decoding(model) ->
         )
         result = diffusion.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=12))
         assert result.token_ids == expected.token_ids
-        assert result.stats.extra["recurrences_per_token"] == [r] * 12
-        assert result.stats.extra["sampler_steps"] == 11 * r // r_inner
+        assert result.stats.recurrences_per_token == [r] * 12
+        assert result.stats.sampler_steps == 11 * r // r_inner
 
 
 def test_larger_threshold_freezes_at_least_as_far(model) -> None:  # type: ignore[no-untyped-def]
@@ -138,7 +138,7 @@ def test_larger_threshold_freezes_at_least_as_far(model) -> None:  # type: ignor
                 model, params=DiffusionParams(exit_threshold=eps, init_scale=0.0, num_steps=8, trace=True)
             )
             result = sampler.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True))
-            traces.append(result.stats.extra["trace"])
+            traces.append(result.stats.trace)
         first_freeze = [next(s["step"] for s in t if s["frozen_after"] > s["frozen_before"]) for t in traces]
         assert first_freeze == sorted(first_freeze, reverse=True), first_freeze
         for smaller, larger in itertools.pairwise(traces):
@@ -158,7 +158,7 @@ def test_seeded_sampling_repeats(model) -> None:  # type: ignore[no-untyped-def]
     first = sampler.generate(PROMPT, params)
     again = sampler.generate(PROMPT, params)
     assert first.token_ids == again.token_ids and len(first.token_ids) == 20
-    assert first.stats.extra["recurrences_per_token"] == again.stats.extra["recurrences_per_token"]
+    assert first.stats.recurrences_per_token == again.stats.recurrences_per_token
     other = sampler.generate(PROMPT, SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=20, seed=6))
     assert other.token_ids != first.token_ids
 
@@ -185,18 +185,18 @@ def test_stop_token_cuts_output_and_budget_is_exact(model) -> None:  # type: ign
 def test_statistics_and_trace(model) -> None:  # type: ignore[no-untyped-def]
     sampler = DiffusionSampler(model, params=DiffusionParams(init_scale=0.0, num_steps=8, trace=True, max_wavefront=6))
     result = sampler.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=16))
-    extra = result.stats.extra
-    trace = extra["trace"]
-    assert len(trace) == extra["sampler_steps"] > 0
-    assert extra["core_forward_passes"] == 1 + 4 * extra["sampler_steps"]
-    assert extra["token_positions_forwarded"] == len(PROMPT) + 4 * sum(s["size"] for s in trace)
+    stats = result.stats
+    trace = stats.trace
+    assert len(trace) == stats.sampler_steps > 0
+    assert stats.core_forward_passes == 1 + 4 * stats.sampler_steps
+    assert stats.token_positions_forwarded == len(PROMPT) + 4 * sum(s["size"] for s in trace)
     assert max(s["size"] for s in trace) <= 6
-    assert extra["mean_wavefront"] == pytest.approx(sum(s["size"] for s in trace) / len(trace))
-    assert extra["standing_waves"] == sum(1 for s in trace if s["size"] + 1 > 6)
+    assert stats.mean_wavefront == pytest.approx(sum(s["size"] for s in trace) / len(trace))
+    assert stats.standing_waves == sum(1 for s in trace if s["size"] + 1 > 6)
     assert all(b["start"] >= a["start"] for a, b in itertools.pairwise(trace))
     assert trace[-1]["frozen_after"] - len(PROMPT) >= 16
-    assert len(extra["recurrences_per_token"]) == 16 and extra["recurrences_per_token"][0] == 8
-    assert result.stats.core_steps == sum(extra["recurrences_per_token"])
+    assert len(stats.recurrences_per_token) == 16 and stats.recurrences_per_token[0] == 8
+    assert result.stats.core_steps == sum(stats.recurrences_per_token)
 
 
 @pytest.mark.parametrize(
@@ -247,7 +247,7 @@ def test_cli_diffusion_with_trace(tmp_path) -> None:  # type: ignore[no-untyped-
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json_module.loads(result.stdout)
-    assert len(record["token_ids"]) == 20 and record["stats"]["extra"]["sampler_steps"] > 0
+    assert len(record["token_ids"]) == 20 and record["stats"]["sampler_steps"] > 0
     assert png.stat().st_size > 10_000 and png.with_suffix(".json").is_file()
     again = tmp_path / "again.png"
     rendered = CliRunner().invoke(app, ["trace", str(png.with_suffix(".json")), "--out", str(again)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from depthwave import InvalidParameterError, SamplingParams
-from depthwave.samplers.base import TokenSelector, apply_repetition_penalty, filtered_probs
+from depthwave.engine.selection import Choice, apply_repetition_penalty, filtered_probs, select_tokens
 
 
 @pytest.mark.parametrize(
@@ -68,25 +68,32 @@ def test_top_k_min_p_temperature() -> None:
     torch.testing.assert_close(sharp, (expected / expected.sum())[None])
 
 
+def _choose(params: SamplingParams, generator: Any, logits: torch.Tensor, context: list[int] = ()) -> torch.Tensor:  # type: ignore[assignment]
+    """Tokens for logits rows that all belong to one request."""
+    rows = logits.shape[0]
+    choice = Choice(slice(0, rows), params, generator, torch.tensor(context, dtype=torch.long), [len(context)] * rows)
+    return select_tokens(logits, [choice])
+
+
 def test_repetition_penalty() -> None:
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     out = apply_repetition_penalty(logits, torch.tensor([0, 1, 1]), 2.0)
     torch.testing.assert_close(out, torch.tensor([[1.0, -4.0, 1.0, 0.5]]))
     assert logits[0, 0] == 2.0, "the input must not be modified"
-    greedy = TokenSelector(SamplingParams(temperature=0, repetition_penalty=4.0), None)
-    assert greedy(torch.tensor([[2.0, 1.0]]), torch.tensor([0])).tolist() == [1]
+    greedy = _choose(SamplingParams(temperature=0, repetition_penalty=4.0), None, torch.tensor([[2.0, 1.0]]), [0])
+    assert greedy.tolist() == [1]
 
 
 def test_greedy_takes_first_maximum_per_row() -> None:
-    select = TokenSelector(SamplingParams(temperature=0), None)
-    assert select(torch.tensor([[0.0, 3.0, 3.0], [5.0, 1.0, 0.0]])).tolist() == [1, 0]
+    chosen = _choose(SamplingParams(temperature=0), None, torch.tensor([[0.0, 3.0, 3.0], [5.0, 1.0, 0.0]]))
+    assert chosen.tolist() == [1, 0]
 
 
 def test_seeded_draws_repeat_and_follow_the_distribution() -> None:
     logits = _logits([0.6, 0.3, 0.1]).expand(20000, -1)
     params = SamplingParams(temperature=1.0)
-    a = TokenSelector(params, torch.Generator().manual_seed(7))(logits)
-    b = TokenSelector(params, torch.Generator().manual_seed(7))(logits)
+    a = _choose(params, torch.Generator().manual_seed(7), logits)
+    b = _choose(params, torch.Generator().manual_seed(7), logits)
     assert torch.equal(a, b)
     freq = torch.bincount(a, minlength=3).float() / a.numel()
     torch.testing.assert_close(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.02, rtol=0)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from depthwave import InvalidParameterError, SamplingParams, StaticParams, StaticSampler, random_model
+from depthwave.engine.selection import filtered_probs
 from depthwave.llm import LLM
 from depthwave.model import load_model
-from depthwave.samplers.base import filtered_probs
 from depthwave.samplers.speculative import SpeculativeParams, SpeculativeSampler
 from tests.conftest import (
     REFERENCE_FIXTURES,
@@ -80,15 +80,15 @@ def test_rollback_keeps_greedy_output_exact(model, cache_mode: str, draft_steps:
     static = StaticSampler(model, params=StaticParams(init_scale=0.0, cache_mode="per-step")).generate(PROMPT, budget)
     params = SpeculativeParams(draft_steps=draft_steps, lookahead=lookahead, init_scale=0.0, cache_mode=cache_mode)  # type: ignore[arg-type]
     result = SpeculativeSampler(model, params=params).generate(PROMPT, budget)
-    extra = result.stats.extra
+    stats = result.stats
     if cache_mode == "per-step":
         assert result.token_ids == static.token_ids
     assert len(result.token_ids) == 20
-    assert 0 <= extra["accepted_drafts"] <= extra["drafted_tokens"]
+    assert 0 <= stats.accepted_drafts <= stats.drafted_tokens
     # Every round adds its accepted drafts plus one token (a correction or the bonus), all but the first token.
-    assert extra["accepted_drafts"] + extra["rounds"] >= 19
+    assert stats.accepted_drafts + stats.rounds >= 19
     if draft_steps == 8:
-        assert extra["acceptance_rate"] == 1.0 and extra["bonus_tokens"] == extra["rounds"]
+        assert stats.acceptance_rate == 1.0 and stats.bonus_tokens == stats.rounds
 
 
 def test_stop_budget_stream_and_seed(model) -> None:  # type: ignore[no-untyped-def]
@@ -181,6 +181,6 @@ def test_cli_runs_the_baseline_samplers(flags: list[str], key: str) -> None:
     result = CliRunner().invoke(app, [*args, *flags, "--num-steps", "8", "--init-scale", "0", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
-    assert len(record["token_ids"]) == 12 and key in record["stats"]["extra"]
+    assert len(record["token_ids"]) == 12 and key in record["stats"]
     bad = CliRunner().invoke(app, [*args, *flags[:2], "--momentum", "0.2"])
     assert bad.exit_code == 2 and "has no parameter(s) ['momentum']" in bad.stderr

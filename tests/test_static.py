@@ -5,7 +5,7 @@ import torch
 
 from depthwave import (
     InvalidParameterError,
-    KVCache,
+    KVPool,
     PromptError,
     SamplingParams,
     StaticParams,
@@ -85,7 +85,7 @@ def test_continuous_compute_starts_each_token_from_the_previous_latent(model, wa
         model, params=StaticParams(num_steps=2, init_scale=0.0, continuous_compute=True, warm_start=warm)
     )  # type: ignore[arg-type]
     tokens = sampler.generate(PROMPT, SamplingParams(temperature=0, max_new_tokens=4)).token_ids
-    cache = KVCache(model.config, 16, "per-step", 2)
+    cache = KVPool(model.config, 16, "per-step", 2)
     out = model(torch.tensor([PROMPT]), 2, 0.0, cache=cache)
     position, expected = len(PROMPT), [int(out.logits[0, -1].argmax())]
     for _ in range(3):

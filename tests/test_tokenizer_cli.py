@@ -79,6 +79,8 @@ def test_cli_json_output(tmp_path: Path) -> None:
             str(folder),
             "--prompt-ids",
             "496, 487,219,228,408",
+            "--sampler",
+            "static",
             "--num-steps",
             "8",
             "--init-scale",

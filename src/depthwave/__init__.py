@@ -1,5 +1,6 @@
 """depthwave: fast, faithful inference for recurrent-depth language models."""
 
+from depthwave.engine import Engine, EngineConfig
 from depthwave.errors import (
     CheckpointError,
     ConfigError,
@@ -8,7 +9,7 @@ from depthwave.errors import (
     PromptError,
 )
 from depthwave.llm import LLM
-from depthwave.model import HuginnConfig, KVCache, RecurrentDepthModel, load_model, random_model, save_model
+from depthwave.model import HuginnConfig, KVPool, RecurrentDepthModel, load_model, random_model, save_model
 from depthwave.model.tokenizer import Tokenizer, load_tokenizer
 from depthwave.samplers import (
     AdaptiveParams,
@@ -34,10 +35,12 @@ __all__ = [
     "DepthwaveError",
     "DiffusionParams",
     "DiffusionSampler",
+    "Engine",
+    "EngineConfig",
     "GenerationResult",
     "HuginnConfig",
     "InvalidParameterError",
-    "KVCache",
+    "KVPool",
     "PromptError",
     "RecurrentDepthModel",
     "SamplingParams",

@@ -33,24 +33,15 @@ def _parse_ids(text: str, what: str) -> list[int]:
 
 
 class _TextStreamer:
-    """Prints decoded text as tokens arrive; decodes the whole output each time so multi-token characters and
-    merges come out right, and holds back a trailing incomplete UTF-8 sequence."""
+    """Prints text as tokens arrive, never splitting a multi-byte character (token ids without a tokenizer)."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.printed = 0
+        from depthwave.engine.output import IncrementalDetokenizer
+
+        self.text = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
 
     def __call__(self, token: int) -> None:
-        self.tokens.append(token)
-        if self.tokenizer is None:
-            sys.stdout.write(f"{token} ")
-        else:
-            text = self.tokenizer.decode(self.tokens)
-            if text.endswith("\ufffd"):
-                return
-            sys.stdout.write(text[self.printed :])
-            self.printed = len(text)
+        sys.stdout.write(f"{token} " if self.text is None else self.text.add([token]))
         sys.stdout.flush()
 
 
@@ -61,7 +52,9 @@ def generate(
     prompt_ids: Annotated[str | None, typer.Option(help="Prompt as raw token ids, e.g. '1,2,3'.")] = None,
     chat: Annotated[bool, typer.Option(help="Render the prompt with the model's chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
-    sampler: Annotated[str, typer.Option(help="static | adaptive | speculative | diffusion.")] = "static",
+    sampler: Annotated[
+        str, typer.Option(help="diffusion (the paper's defaults) | static | adaptive | speculative.")
+    ] = "diffusion",
     # shared by the samplers (None: the sampler's own default)
     num_steps: Annotated[int | None, typer.Option(help="Recurrences per token / of the prefill.")] = None,
     init_scale: Annotated[float | None, typer.Option(help="Scale of random states; 0 = zeros.")] = None,
@@ -197,26 +190,15 @@ def generate(
         typer.echo(result.text if result.text is not None else " ".join(map(str, result.token_ids)))
     else:
         typer.echo()
-    s = result.stats
-    extra = ""
-    if "sampler_steps" in s.extra:
-        extra = f"; {s.extra['sampler_steps']} sampler steps, {s.extra['tokens_per_sampler_step']:.2f} tokens/step"
-    elif "acceptance_rate" in s.extra:
-        extra = f"; {s.extra['rounds']} rounds, {100 * s.extra['acceptance_rate']:.0f}% of drafts accepted"
-    elif "early_exits" in s.extra:
-        extra = f"; {s.extra['early_exits']} early exits"
-    typer.echo(
-        f"[{s.generated_tokens} tokens, {result.finish_reason}; prefill {s.prefill_time_s * 1e3:.1f} ms for "
-        f"{s.prompt_tokens} prompt tokens; decode {s.tokens_per_s:.1f} tokens/s; "
-        f"{s.core_steps_per_token:.1f} recurrences/token; KV cache {s.cache_bytes_per_position} B/position{extra}]",
-        err=True,
-    )
+    typer.echo(f"[{result.finish_reason}; {result.stats.summary()}]", err=True)
 
 
 def _render_trace(record: dict[str, Any], png: Path) -> None:
     from depthwave.viz import plot_trace
 
-    trace = record.get("stats", {}).get("extra", {}).get("trace")
+    stats = record.get("stats", {})
+    # Results written before the stats were typed kept the trace under "extra".
+    trace = stats.get("trace") or stats.get("extra", {}).get("trace")
     if not trace:
         _fail("this result holds no diffusion trace (generate with --sampler diffusion --trace-out PATH)")
     title = f"{record.get('model', '')}: {len(record['token_ids'])} tokens in {len(trace)} sampler steps"

@@ -1,31 +1,26 @@
-"""`LLM`: a model, its tokenizer and its stop tokens in one object, with vLLM's `generate(prompts, params)` shape."""
+"""`LLM`: a model, its tokenizer and its stop tokens in one object, with vLLM's `generate(prompts, params)` shape.
+All prompts of a call run through the batched engine together."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from depthwave.engine.engine import Engine, EngineConfig, check_prompt
+from depthwave.engine.request import GenerationResult, Request, StepOutput
+from depthwave.engine.selection import SamplingParams
 from depthwave.errors import InvalidParameterError, PromptError
 from depthwave.model.loading import load_model, resolve_model_dir
 from depthwave.model.tokenizer import default_stop_ids, load_tokenizer
-from depthwave.samplers.adaptive import AdaptiveParams, AdaptiveSampler
-from depthwave.samplers.base import GenerationResult, Sampler, SamplingParams
-from depthwave.samplers.diffusion import DiffusionParams, DiffusionSampler
-from depthwave.samplers.speculative import SpeculativeParams, SpeculativeSampler
-from depthwave.samplers.static import StaticParams, StaticSampler
-
-SAMPLERS: dict[str, tuple[type[Sampler], type]] = {
-    "static": (StaticSampler, StaticParams),
-    "adaptive": (AdaptiveSampler, AdaptiveParams),
-    "speculative": (SpeculativeSampler, SpeculativeParams),
-    "diffusion": (DiffusionSampler, DiffusionParams),
-}
+from depthwave.samplers import SAMPLERS, Sampler
 
 Prompt = str | Sequence[int]
+DEFAULT_SAMPLER = "diffusion"
 
 
 def default_device() -> str:
@@ -39,23 +34,32 @@ class LLM:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         revision: str | None = None,
+        max_num_seqs: int = 64,
     ) -> None:
         self.folder = resolve_model_dir(model, revision)
         self.model = load_model(self.folder, device or default_device(), dtype)
         self.tokenizer = load_tokenizer(self.folder)
         self.stop_token_ids = default_stop_ids(self.folder, self.model.config, self.tokenizer)
+        self.max_num_seqs = max_num_seqs
 
-    def sampler(self, name: str = "static", **params: Any) -> Sampler:
-        """A sampler bound to this model; `params` are the fields of that sampler's parameter dataclass."""
+    # ---- samplers -----------------------------------------------------------------------------------------
+    def sampler_params(self, name: str = DEFAULT_SAMPLER, **params: Any) -> Any:
+        """The parameter dataclass of sampler `name` (`DiffusionParams`, ...), checked for unknown fields."""
         if name not in SAMPLERS:
             raise InvalidParameterError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-        sampler_cls, params_cls = SAMPLERS[name]
+        params_cls = SAMPLERS[name][1]
         known = {f.name for f in fields(params_cls)}
         unknown = sorted(set(params) - known)
         if unknown:
             raise InvalidParameterError(f"sampler {name!r} has no parameter(s) {unknown}; it takes {sorted(known)}")
-        return sampler_cls(self.model, self.tokenizer, self.stop_token_ids, params=params_cls(**params))
+        return params_cls(**params)
 
+    def sampler(self, name: str = DEFAULT_SAMPLER, **params: Any) -> Sampler:
+        """A one-prompt sampler bound to this model; `params` are the fields of that sampler's parameter dataclass."""
+        sampler_cls = SAMPLERS[name][0] if name in SAMPLERS else Sampler
+        return sampler_cls(self.model, self.tokenizer, self.stop_token_ids, params=self.sampler_params(name, **params))
+
+    # ---- prompts ------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False, system: str | None = None) -> list[int]:
         """Token ids for a prompt: ids pass through; text is encoded raw, or rendered with the chat template."""
         if not isinstance(prompt, str):
@@ -79,15 +83,116 @@ class LLM:
             raise PromptError(f"{self.folder} has no tokenizer.json; chat messages need one")
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(list(messages)), add_special_tokens=False)
 
+    # ---- generation ---------------------------------------------------------------------------------------
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        sampling_params: SamplingParams | None = None,
-        sampler: str | Sampler = "static",
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampler: str | Any | Sequence[Any] = DEFAULT_SAMPLER,
         chat: bool = False,
+        system: str | None = None,
+        progress: bool | None = None,
+        on_output: Callable[[StepOutput], None] | None = None,
         **sampler_params: Any,
     ) -> list[GenerationResult]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        engine = sampler if isinstance(sampler, Sampler) else self.sampler(sampler, **sampler_params)
-        return [engine.generate(self.encode(p, chat=chat), sampling_params) for p in prompts]  # type: ignore[arg-type]
+        """Generate for every prompt, all batched through the engine; results in input order.
+
+        `sampling_params`: one for all prompts or one per prompt. `sampler`: a name (with `sampler_params` as its
+        fields), a parameter object (`DiffusionParams(...)`), or one parameter object per prompt: requests of
+        different samplers share the engine's steps. `progress`: a progress bar (default: for 8 prompts or more)."""
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))  # type: ignore[index]
+        items: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        params = self._per_prompt(sampling_params, len(items), "sampling_params", SamplingParams())
+        if isinstance(sampler, Sampler):
+            sampler = sampler.params
+        if isinstance(sampler, str):
+            sampler = self.sampler_params(sampler, **sampler_params)
+        elif sampler_params:
+            raise InvalidParameterError("sampler parameters go into the sampler object when one is given")
+        samplers = self._per_prompt(sampler, len(items), "sampler", None)
+        requests = [
+            Request(self.encode(p, chat=chat, system=system), sp, s)
+            for p, sp, s in zip(items, params, samplers, strict=True)
+        ]
+        return self.run(requests, progress=progress, on_output=on_output)
+
+    def run(
+        self,
+        requests: Sequence[Request],
+        progress: bool | None = None,
+        on_output: Callable[[StepOutput], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Run requests through engines sized for them. Requests whose samplers need different KV caches
+        (per-step against shared) run as separate batches, one after the other."""
+        groups: dict[str, list[Request]] = defaultdict(list)
+        for request in requests:
+            request.prompt_token_ids = check_prompt(request.prompt_token_ids, self.model.config)
+            groups[request.sampler.cache_mode].append(request)
+        show = len(requests) >= 8 if progress is None else progress
+        results: dict[str, GenerationResult] = {}
+        with _Progress(len(requests), show) as bar:
+
+            def report(output: StepOutput) -> None:
+                if output.result is not None:
+                    bar.advance()
+                if on_output is not None:
+                    on_output(output)
+
+            for mode, group in groups.items():
+                engine = self.engine(group, mode)
+                for result in engine.run(group, on_output=report):
+                    results[result.request_id] = result
+        return [results[r.request_id] for r in requests]
+
+    def engine(self, requests: Sequence[Request], cache_mode: str = "shared", **config: Any) -> Engine:
+        """An engine whose rows hold the largest of `requests` (or `config`'s EngineConfig fields)."""
+        sizes = [
+            r.sampler.policy_class().size(r.sampler, len(r.prompt_token_ids), r.sampling, self.model.config)
+            for r in requests
+        ]
+        defaults: dict[str, Any] = {
+            "max_num_seqs": max(1, min(self.max_num_seqs, len(requests))),
+            "max_model_len": max((s.cache for s in sizes), default=None),
+            "cache_mode": cache_mode,
+            "max_steps": max((s.max_step for s in sizes), default=None),
+            "buffer_slack": max((s.buffer - s.cache for s in sizes), default=64),
+        }
+        defaults.update(config)
+        return Engine(self.model, self.tokenizer, self.stop_token_ids, EngineConfig(**defaults))
+
+    @staticmethod
+    def _per_prompt(value: Any, count: int, name: str, default: Any) -> list[Any]:
+        if value is None:
+            return [default] * count
+        if isinstance(value, (list, tuple)):
+            if len(value) != count:
+                raise InvalidParameterError(f"{name}: {len(value)} given for {count} prompts; give one or one each")
+            return list(value)
+        return [value] * count
+
+
+class _Progress:
+    """A rich progress bar over finished requests, or nothing."""
+
+    def __init__(self, total: int, show: bool) -> None:
+        self.show = show
+        if show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+            )
+            self.task = self.progress.add_task("generate", total=total)
+
+    def __enter__(self) -> _Progress:
+        if self.show:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.show:
+            self.progress.stop()
+
+    def advance(self) -> None:
+        if self.show:
+            self.progress.advance(self.task)

@@ -8,7 +8,6 @@ state dict loads without renaming.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from depthwave.model.cache import KVCache
+    from depthwave.model.kv_cache import KVPool
+    from depthwave.model.positions import Positions
 
 
 class RMSNorm(nn.Module):
@@ -46,7 +46,7 @@ def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-    """Softmax attention of q [B,H,S,h] over k, v [B,H,T,h]; `mask` is a boolean [S,T] (True = attend)."""
+    """Softmax attention of q [B,H,S,h] over k, v [B,H,T,h]; `mask` is a boolean [B or 1,1,S,T] (True = attend)."""
     if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] > 1:
         # On CPU, SDPA in bf16/fp16 is several times slower than a plain matmul + softmax for many queries
         # (for a single query it is the faster of the two).
@@ -60,17 +60,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: b
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
-@dataclass(frozen=True)
-class Span:
-    """The positions start..start+length-1 that one call processes, with what every layer of the call shares:
-    their RoPE rotations and the causal mask against the cache (built once per call, not per layer)."""
-
-    start: int
-    rotation: Tensor
-    mask: Tensor | None
-    is_causal: bool
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, qk_bias: bool) -> None:
         super().__init__()
@@ -80,19 +69,19 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, n_heads, self.head_dim)) if qk_bias else None
 
-    def forward(self, x: Tensor, span: Span, cache: KVCache | None, slot: int) -> Tensor:
+    def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
         batch, seq, dim = x.shape
         qkv = F.linear(x, self.Wqkv.weight).view(batch, seq, 3, self.n_heads, self.head_dim)
         qk = qkv[:, :, :2]
         if self.qk_bias is not None:
             qk = qk + self.qk_bias.view(2, self.n_heads, self.head_dim)
-        qk = apply_rope(qk, span.rotation)
-        q = qk[:, :, 0].transpose(1, 2)
-        k = qk[:, :, 1].transpose(1, 2)
-        v = qkv[:, :, 2].transpose(1, 2)
+        qk = apply_rope(qk, at.rotation)
+        k, v = qk[:, :, 1], qkv[:, :, 2]
         if cache is not None:
-            k, v = cache.write(slot, span.start, k, v)
-        out = attention(q, k, v, span.mask, span.is_causal)
+            k, v = cache.write(slot, at, k, v)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        out = attention(qk[:, :, 0].transpose(1, 2), k, v, at.mask, at.is_causal)
         return F.linear(out.transpose(1, 2).reshape(batch, seq, dim), self.proj.weight)
 
 
@@ -119,7 +108,7 @@ class SandwichBlock(nn.Module):
         self.norm_3 = RMSNorm(dim, eps)
         self.norm_4 = RMSNorm(dim, eps)
 
-    def forward(self, x: Tensor, span: Span, cache: KVCache | None, slot: int) -> Tensor:
+    def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
         """`slot`: the cache slot this call of the block writes (a core layer has one per recurrence step)."""
-        x = self.norm_2(x + self.attn(self.norm_1(x), span, cache, slot))
+        x = self.norm_2(x + self.attn(self.norm_1(x), at, cache, slot))
         return self.norm_4(x + self.mlp(self.norm_3(x)))

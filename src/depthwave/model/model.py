@@ -5,8 +5,8 @@
     s_t+1  = core(adapter([s_t, e]))                            R layers, repeated r times
     logits = head(ln_f(coda(ln_f(s_r))))                        C layers, once per position
 
-The samplers drive the three stages separately through `prelude`, `core_step` and `coda_logits`; `forward` chains
-them for a plain full-depth pass.
+The engine drives the three stages separately through `prelude`, `core_step`, `coda` and `head`, over per-row
+`Positions`; `forward` chains them for a plain full-depth pass.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from depthwave.errors import PromptError
-from depthwave.model.cache import KVCache
 from depthwave.model.config import HuginnConfig
-from depthwave.model.layers import RMSNorm, SandwichBlock, Span, rope_table
+from depthwave.model.kv_cache import KVPool
+from depthwave.model.layers import RMSNorm, SandwichBlock, rope_table
+from depthwave.model.positions import Positions, make_positions
 
 
 @dataclass
@@ -78,36 +78,32 @@ class RecurrentDepthModel(nn.Module):
         return self.transformer.wte.weight.dtype
 
     # ---- stages ---------------------------------------------------------------------------------------------
-    def span(self, start: int, length: int) -> Span:
-        """Positions start..start+length-1: their rotations ([S,1,1,h/2], broadcasting over the (q|k) and head
-        axes) and a causal mask aligned to the lower-right corner (query start+i sees keys 0..start+i)."""
-        if start + length > self.config.block_size:
-            raise PromptError(
-                f"positions up to {start + length - 1} exceed the model's context of "
-                f"{self.config.block_size} positions (block_size)"
-            )
-        rotation = self.rope[start : start + length, None, None]
-        if length == 1:
-            return Span(start, rotation, None, False)
-        if start == 0:
-            return Span(start, rotation, None, True)
-        query = torch.arange(length, device=self.device)[:, None] + start
-        mask = torch.arange(start + length, device=self.device)[None, :] <= query
-        return Span(start, rotation, mask, False)
+    def positions(
+        self,
+        starts: list[int] | tuple[int, ...],
+        sizes: list[int] | tuple[int, ...],
+        rows: slice | Tensor | None = None,
+        cached: bool = True,
+    ) -> Positions:
+        """Per-row query positions of one call (see `depthwave.model.positions`): built once, used by all stages."""
+        return make_positions(self.rope, starts, sizes, rows, cached)
+
+    def _default_positions(self, x: Tensor, at: Positions | None, cache: KVPool | None) -> Positions:
+        """Without explicit positions a call covers positions 0..S-1 of rows 0..B-1."""
+        if at is not None:
+            return at
+        batch, length = x.shape[:2]
+        return self.positions([0] * batch, [length] * batch, cached=cache is not None)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.transformer.wte(input_ids) * self.config.embed_scale
 
-    def prelude(self, input_ids: Tensor, start: int = 0, cache: KVCache | None = None) -> Tensor:
-        """Embedding and prelude for the tokens at positions start..start+S-1; returns the injected embedding e.
-
-        With a cache, the positions up to start+S are from now on part of it (`cache.length`)."""
-        span = self.span(start, input_ids.shape[1])
+    def prelude(self, input_ids: Tensor, at: Positions | None = None, cache: KVPool | None = None) -> Tensor:
+        """Embedding and prelude for the tokens at `at`; returns the injected embedding e."""
+        at = self._default_positions(input_ids, at, cache)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.transformer.prelude):
-            x = layer(x, span, cache, cache.prelude_slot(i) if cache is not None else 0)
-        if cache is not None:
-            cache.length = start + input_ids.shape[1]
+            x = layer(x, at, cache, cache.prelude_slot(i) if cache is not None else 0)
         return x
 
     def initial_state(self, like: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
@@ -120,53 +116,55 @@ class RecurrentDepthModel(nn.Module):
         nn.init.trunc_normal_(state, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
         return state.mul_(self.config.embed_scale)
 
+    def core_step(
+        self, state: Tensor, embedded: Tensor, at: Positions | None = None, cache: KVPool | None = None, step: int = 0
+    ) -> Tensor:
+        """One recurrence: the adapter on [state, e], then the R core layers. `step` picks the per-step slots."""
+        at = self._default_positions(state, at, cache)
+        x = self.transformer.adapter(torch.cat((state, embedded), dim=-1))
+        for j, layer in enumerate(self.transformer.core_block):
+            x = layer(x, at, cache, cache.core_slot(step, j) if cache is not None else 0)
+        return x
+
     def recur(
         self,
         state: Tensor,
         embedded: Tensor,
         num_steps: int,
-        start: int = 0,
-        cache: KVCache | None = None,
+        at: Positions | None = None,
+        cache: KVPool | None = None,
         first_step: int = 0,
-        span: Span | None = None,
     ) -> Tensor:
-        """`num_steps` recurrences (adapter on [state, e], then the R core layers) on the same positions.
-        Recurrence t writes the cache slots `cache.core_slot(t, ·)`, t counted from `first_step`. `span` overrides
-        the positions' default span (a sampler that must hide some cached positions passes its own mask)."""
-        span = span or self.span(start, state.shape[1])
+        """`num_steps` recurrences on the same positions; recurrence t writes the slots `core_slot(t, ·)`, t counted
+        from `first_step`."""
+        at = self._default_positions(state, at, cache)
         for step in range(first_step, first_step + num_steps):
-            x = self.transformer.adapter(torch.cat((state, embedded), dim=-1))
-            for j, layer in enumerate(self.transformer.core_block):
-                x = layer(x, span, cache, cache.core_slot(step, j) if cache is not None else 0)
-            state = x
+            state = self.core_step(state, embedded, at, cache, step)
         return state
 
-    def core_step(
-        self,
-        state: Tensor,
-        embedded: Tensor,
-        start: int = 0,
-        cache: KVCache | None = None,
-        step: int = 0,
-        span: Span | None = None,
-    ) -> Tensor:
-        """One recurrence; `step` picks the per-step cache slots."""
-        return self.recur(state, embedded, 1, start, cache, first_step=step, span=span)
-
-    def coda_logits(
-        self, state: Tensor, start: int = 0, cache: KVCache | None = None, last_only: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """ln_f, coda, ln_f, head on RAW recurrent states. Returns (fp32 logits, ln_f(state)).
-
-        The coda runs on every position (its K/V are needed later); `last_only` limits the head to the last."""
-        span = self.span(start, state.shape[1])
+    def coda(self, state: Tensor, at: Positions | None = None, cache: KVPool | None = None) -> tuple[Tensor, Tensor]:
+        """ln_f, then the coda on RAW recurrent states; returns (coda output, ln_f(state)). The coda runs on every
+        position, as its K/V are needed later."""
+        at = self._default_positions(state, at, cache)
         latents = self.transformer.ln_f(state)
         x = latents
         for i, layer in enumerate(self.transformer.coda):
-            x = layer(x, span, cache, cache.coda_slot(i) if cache is not None else 0)
+            x = layer(x, at, cache, cache.coda_slot(i) if cache is not None else 0)
+        return x, latents
+
+    def head(self, x: Tensor) -> Tensor:
+        """fp32 next-token logits from coda outputs."""
+        return self.lm_head(self.transformer.ln_f(x)).float()
+
+    def coda_logits(
+        self, state: Tensor, at: Positions | None = None, cache: KVPool | None = None, last_only: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Coda and head on RAW recurrent states. Returns (fp32 logits, ln_f(state)); `last_only` limits the head to
+        the last position."""
+        x, latents = self.coda(state, at, cache)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.transformer.ln_f(x)).float(), latents
+        return self.head(x), latents
 
     # ---- full pass ------------------------------------------------------------------------------------------
     def forward(
@@ -175,18 +173,23 @@ class RecurrentDepthModel(nn.Module):
         num_steps: int | None = None,
         init_scale: float = 1.0,
         input_states: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVPool | None = None,
         start: int = 0,
         last_only: bool = False,
         generator: torch.Generator | None = None,
     ) -> ModelOutput:
-        """Full-depth pass over input_ids [B, S] at positions start..start+S-1 (`num_steps` defaults to
-        `mean_recurrence`). `input_states` replaces the initial state (warm start)."""
+        """Full-depth pass over input_ids [B, S] at positions start..start+S-1 of cache rows 0..B-1
+        (`num_steps` defaults to `mean_recurrence`). `input_states` replaces the initial state (warm start)."""
         steps = self.config.mean_recurrence if num_steps is None else num_steps
-        embedded = self.prelude(input_ids, start, cache)
+        batch, length = input_ids.shape
+        at = self.positions([start] * batch, [length] * batch, cached=cache is not None)
+        embedded = self.prelude(input_ids, at, cache)
         state = self.initial_state(embedded, init_scale, generator) if input_states is None else input_states
-        state = self.recur(state, embedded, steps, start, cache)
-        logits, latents = self.coda_logits(state, start, cache, last_only)
+        state = self.recur(state, embedded, steps, at, cache)
+        logits, latents = self.coda_logits(state, at, cache, last_only)
+        if cache is not None:
+            for row in range(batch):
+                cache.set_length(row, start + length)
         return ModelOutput(logits=logits, latents=latents, state=state)
 
     # ---- random initialisation (tests, benchmarks, training from scratch) ---------------------------------

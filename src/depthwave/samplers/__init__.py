@@ -1,23 +1,28 @@
-"""Generation algorithms for recurrent-depth models, one file each, sharing `base`."""
+"""The samplers: policies that the engine runs for many requests at once, and their one-prompt front ends."""
 
-from depthwave.samplers.adaptive import AdaptiveParams, AdaptiveSampler
-from depthwave.samplers.base import (
-    GenerationResult,
-    GenerationStats,
-    GenerationStream,
-    Sampler,
-    SamplingParams,
-    TokenSelector,
-)
-from depthwave.samplers.diffusion import DiffusionParams, DiffusionSampler
-from depthwave.samplers.speculative import SpeculativeParams, SpeculativeSampler
-from depthwave.samplers.static import StaticParams, StaticSampler
+from depthwave.engine.request import GenerationResult, GenerationStats
+from depthwave.engine.selection import SamplingParams
+from depthwave.samplers.adaptive import AdaptiveParams, AdaptiveSampler, AdaptiveStats
+from depthwave.samplers.base import GenerationStream, Sampler
+from depthwave.samplers.diffusion import DiffusionParams, DiffusionSampler, DiffusionStats
+from depthwave.samplers.speculative import SpeculativeParams, SpeculativeSampler, SpeculativeStats
+from depthwave.samplers.static import StaticParams, StaticSampler, StaticStats
+
+SAMPLERS: dict[str, tuple[type[Sampler], type]] = {
+    "static": (StaticSampler, StaticParams),
+    "adaptive": (AdaptiveSampler, AdaptiveParams),
+    "speculative": (SpeculativeSampler, SpeculativeParams),
+    "diffusion": (DiffusionSampler, DiffusionParams),
+}
 
 __all__ = [
+    "SAMPLERS",
     "AdaptiveParams",
     "AdaptiveSampler",
+    "AdaptiveStats",
     "DiffusionParams",
     "DiffusionSampler",
+    "DiffusionStats",
     "GenerationResult",
     "GenerationStats",
     "GenerationStream",
@@ -25,7 +30,8 @@ __all__ = [
     "SamplingParams",
     "SpeculativeParams",
     "SpeculativeSampler",
+    "SpeculativeStats",
     "StaticParams",
     "StaticSampler",
-    "TokenSelector",
+    "StaticStats",
 ]

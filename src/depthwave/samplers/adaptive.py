@@ -35,30 +35,25 @@ criteria), entropy 100 and argmax −1, as in the reference.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Generator
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from depthwave.model.cache import CACHE_MODES, CacheMode, KVCache
-from depthwave.model.model import RecurrentDepthModel
-from depthwave.samplers.base import (
-    GenerationResult,
-    GenerationStats,
-    Sampler,
-    SamplingParams,
-    Stopwatch,
-    TokenSelector,
-    emit,
-    is_int,
-    is_number,
-    require,
-)
+from depthwave.engine.buffers import RandomStates
+from depthwave.engine.policy import Chunk, EngineContext, ExitGroup, ExitRule, Policy, Sizing
+from depthwave.engine.request import GenerationStats, Request
+from depthwave.engine.selection import SamplingParams
+from depthwave.errors import is_int, is_number, require
+from depthwave.model.config import HuginnConfig
+from depthwave.model.kv_cache import CACHE_MODES, CacheMode
+from depthwave.model.positions import Positions
+from depthwave.samplers.base import Sampler, token_budget
+from depthwave.samplers.static import StaticPolicy
 
 Criterion = Literal["latent-diff", "kl", "minp-kl", "entropy-diff", "argmax-stability", "cosine", "none"]
 AUTO_THRESHOLDS: dict[str, float] = {
@@ -95,6 +90,8 @@ class AdaptiveParams:
     cache_mode: CacheMode = "shared"
     trace: bool = False
 
+    name: ClassVar[str] = "adaptive"
+
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             require(ok, name, getattr(self, name), what)
@@ -122,17 +119,29 @@ class AdaptiveParams:
     def threshold(self) -> float:
         return AUTO_THRESHOLDS[self.criterion] if self.exit_threshold == "auto" else float(self.exit_threshold)
 
+    def policy_class(self) -> type[Policy]:
+        return AdaptivePolicy
 
-class ExitCriterion:
-    """One token's running comparison. `reset` before its first step; `check` after a step returns the value."""
 
-    def __init__(self, name: str, threshold: float, vocab_size: int) -> None:
-        self.name, self.threshold, self.vocab_size = name, threshold, vocab_size
-        self.uses_logits = name in LOGIT_CRITERIA
+class ExitCriterion(ExitRule):
+    """One token's running comparison, for the engine's recurrence loop. `value` computes a check's number on the
+    device; `commit` turns the fetched number into the exit decision."""
+
+    def __init__(self, params: AdaptiveParams, vocab_size: int, may_exit: bool) -> None:
+        self.name, self.threshold, self.vocab_size = params.criterion, params.threshold, vocab_size
+        self.min_steps, self.check_every = params.min_steps, params.check_every
+        self.may_exit = may_exit
+        self.uses_logits = params.criterion in LOGIT_CRITERIA
+        self.values: list[float] = []
+        self.fired = False
         self.previous: Any = None
         self.stable_steps = 0
 
+    def checks(self, step: int) -> bool:
+        return self.may_exit and step >= self.min_steps and (step - self.min_steps) % self.check_every == 0
+
     def reset(self, initial_state: Tensor) -> None:
+        """Before the token's first recurrence; `initial_state` [1, S, D]."""
         if self.name in ("latent-diff", "cosine"):
             # States are never modified in place (each recurrence returns a new tensor), so keeping a reference
             # is enough: no copy per step.
@@ -144,17 +153,14 @@ class ExitCriterion:
         elif self.name == "argmax-stability":
             self.previous, self.stable_steps = -1, 0
 
-    def check(self, state: Tensor, logits: Tensor | None) -> tuple[bool, float]:
-        """state: raw [1, S, D]; logits: the last position's fp32 [V] (logit criteria only)."""
+    def value(self, state: Tensor, logits: Tensor | None) -> Tensor:
+        """state: raw [1, S, D]; logits: the last position's fp32 [V] (logit criteria only). A 0-dim tensor."""
         name = self.name
-        if name == "none":
-            return False, 0.0
+        if name == "none":  # checked (its trace shows zeros) but never exits
+            return state.new_zeros(())
         if name == "argmax-stability":
             assert logits is not None
-            current = int(logits.argmax())
-            self.stable_steps = self.stable_steps + 1 if current == self.previous else 0
-            self.previous = current
-            return self.stable_steps >= self.threshold, float(self.stable_steps)
+            return logits.argmax()
         if name == "latent-diff":
             value = ((state - self.previous).norm(dim=-1) / state.norm(dim=-1)).mean()
             self.previous = state
@@ -177,133 +183,136 @@ class ExitCriterion:
                 log_probs = logits.log_softmax(dim=-1)
             value = F.kl_div(log_probs, self.previous, reduction="none", log_target=True).sum()
             self.previous = log_probs
-        number = float(value)  # the exit decision is control flow: one sync per check
-        return number < self.threshold, number
+        return value
+
+    def commit(self, number: float) -> bool:
+        """The exit decision from the fetched value; records it for the trace."""
+        if self.name == "argmax-stability":
+            current = int(number)
+            self.stable_steps = self.stable_steps + 1 if current == self.previous else 0
+            self.previous = current
+            number, done = float(self.stable_steps), self.stable_steps >= self.threshold
+        elif self.name == "none":
+            done = False
+        else:
+            done = number < self.threshold
+        self.values.append(number)
+        self.fired = done
+        return done
+
+    @classmethod
+    def group(cls, rules: list[ExitRule], initial: Tensor, at: Positions) -> ExitGroup:
+        return CriterionGroup(rules, initial, at)  # type: ignore[arg-type]
+
+
+class CriterionGroup(ExitGroup):
+    """A pass's adaptive rows: after each recurrence, the rows due for a check compute their criterion, and one
+    transfer brings every value back for the exit decisions."""
+
+    def __init__(self, rules: list[ExitCriterion], initial: Tensor, at: Positions) -> None:
+        self.rules = rules
+        for k, rule in enumerate(rules):
+            rule.reset(initial[k : k + 1, : at.sizes[k]])
+
+    def check(self, step: int, live: Sequence[int], states: Tensor, at: Positions, logits: Any) -> list[bool]:
+        checked = [(j, k) for j, k in enumerate(live) if self.rules[k].checks(step)]
+        fired = [False] * len(live)
+        if not checked:
+            return fired
+        wanted = [j for j, k in checked if self.rules[k].uses_logits]
+        predictions = logits(torch.tensor(wanted, device=states.device)) if wanted else None
+        row_of = {j: n for n, j in enumerate(wanted)}
+        values = []
+        for j, k in checked:
+            rule = self.rules[k]
+            prediction = predictions[row_of[j]] if rule.uses_logits else None  # type: ignore[index]
+            values.append(rule.value(states[j : j + 1, : at.sizes[j]], prediction).float())
+        # The exit decision is control flow: one transfer per checked recurrence, for all rows.
+        for (j, k), number in zip(checked, torch.stack(values).tolist(), strict=True):
+            fired[j] = self.rules[k].commit(number)
+        return fired
+
+
+@dataclass
+class AdaptiveStats(GenerationStats):
+    recurrences_per_token: list[int] = field(default_factory=list)
+    mean_recurrences_per_token: float = 0.0
+    early_exits: int = 0
+    exit_threshold: float = 0.0
+    criterion_values: list[list[float]] | None = None
+
+    sampler: ClassVar[str] = "adaptive"
+
+    def details(self) -> str:
+        return f"{self.early_exits} early exits"
+
+
+class AdaptivePolicy(StaticPolicy):
+    """Static decoding whose tokens each stop recurring when their exit criterion fires (at most `num_steps`)."""
+
+    def __init__(self, request: Request, ctx: EngineContext) -> None:
+        Policy.__init__(self, request, ctx)
+        params: AdaptiveParams = request.sampler  # type: ignore[assignment]
+        model = ctx.model
+        self.params = params  # type: ignore[assignment]
+        self.num_steps = params.num_steps or model.config.mean_recurrence
+        self.random = RandomStates(model.config, params.init_scale, request.generator, model.device, model.dtype)
+        self.position = 0
+        self.warm = None
+        self.steps_per_token: list[int] = []
+        self.exits = 0
+        self.trace: list[list[float]] | None = [] if params.trace else None
+        self.shallowest = self.num_steps  # the fewest recurrences any cached position ran
+        self.rule: ExitCriterion | None = None
+
+    @staticmethod
+    def size(params: AdaptiveParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:  # type: ignore[override]
+        budget = token_budget(prompt_len, sampling, config)
+        cache = prompt_len + budget - 1 if budget > 1 else prompt_len
+        return Sizing(budget, cache, prompt_len + budget, params.num_steps or config.mean_recurrence)
+
+    def chunk(self) -> Chunk:
+        chunk = super().chunk()
+        params: AdaptiveParams = self.params  # type: ignore[assignment]
+        self.rule = ExitCriterion(params, self.ctx.model.config.vocab_size, params.exit_in_prefill or self.position > 0)
+        chunk.exit = self.rule
+        # Per-step cache: a position that exited after c recurrences has no entry in the slots of steps >= c, and a
+        # later token at such a step must not see it (the reference's dictionary cache returns only what it holds).
+        if self.ctx.pool.mode == "per-step":
+            chunk.hide_below = self.shallowest
+        return chunk
+
+    def update(self, tokens: list[int], result, index: int) -> None:  # type: ignore[no-untyped-def]
+        steps = result.steps[index]
+        assert self.rule is not None
+        self.steps_per_token.append(steps)
+        self.shallowest = min(self.shallowest, steps)
+        self.exits += self.rule.fired
+        if self.trace is not None:
+            self.trace.append(self.rule.values)
+        if self.params.continuous_compute:
+            chunk = result.chunks[index]
+            self.warm = result.wave_out[index, chunk.size - 1 : chunk.size]
+        output = self.request.output
+        assert output is not None
+        if output.emit(tokens):
+            self.finish("stop")
+        elif output.full:
+            self.finish("length")
+        self.position = result.chunks[index].start + result.chunks[index].size
+
+    def finalize_stats(self) -> AdaptiveStats:  # type: ignore[override]
+        steps = self.steps_per_token
+        return AdaptiveStats(
+            core_steps=sum(steps),
+            recurrences_per_token=steps,
+            mean_recurrences_per_token=sum(steps) / len(steps) if steps else 0.0,
+            early_exits=self.exits,
+            exit_threshold=self.params.threshold,  # type: ignore[attr-defined]
+            criterion_values=self.trace,
+        )
 
 
 class AdaptiveSampler(Sampler):
     name = "adaptive"
-
-    def __init__(self, model, tokenizer=None, default_stop_ids=(), params: AdaptiveParams | None = None) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(model, tokenizer, default_stop_ids)
-        self.params = params or AdaptiveParams()
-
-    def _recur_until_exit(
-        self,
-        model: RecurrentDepthModel,
-        state: Tensor,
-        embedded: Tensor,
-        start: int,
-        cache: KVCache,
-        depth: Tensor,
-        visible: Tensor,
-        shallowest: int,
-        criterion: ExitCriterion,
-        may_exit: bool,
-        values: list[float] | None,
-    ) -> tuple[Tensor, Tensor | None, int, bool]:
-        """Recur one chunk until it exits. Returns (final state, last-position logits if already computed from it,
-        steps run, whether the criterion fired)."""
-        cfg = self.params
-        max_steps = cfg.num_steps or model.config.mean_recurrence
-        span = model.span(start, state.shape[1])
-        hides_positions = cache.mode == "per-step"
-        criterion.reset(state)
-        logits = None
-        for step in range(max_steps):
-            step_span = span
-            if hides_positions and step >= shallowest:
-                # Some cached positions exited before this step and have no entry in its slot (see the docstring).
-                # Only single-token chunks follow cached positions, so one mask row suffices.
-                torch.gt(depth[:start], step, out=visible[0, :start])
-                step_span = dataclasses.replace(span, mask=visible[:, : start + 1], is_causal=False)
-            state = model.core_step(state, embedded, start, cache, step, span=step_span)
-            logits = None
-            checked = may_exit and step >= cfg.min_steps and (step - cfg.min_steps) % cfg.check_every == 0
-            if not checked:
-                continue
-            if criterion.uses_logits:
-                logits = model.coda_logits(state, start, cache, last_only=True)[0][0, -1]
-            done, value = criterion.check(state, logits)
-            if values is not None:
-                values.append(value)
-            if done:
-                return state, logits, step + 1, True
-        return state, logits, max_steps, False
-
-    @torch.inference_mode()
-    def _generate(self, prompt: list[int], params: SamplingParams) -> Generator[int, None, GenerationResult]:
-        model, cfg = self.model, self.params
-        config = model.config
-        max_steps = cfg.num_steps or config.mean_recurrence
-        budget = self.token_budget(prompt, params)
-        stopping = self.stop_condition(params)
-        generator = self.generator(params)
-        select = TokenSelector(params, generator)
-        device = model.device
-
-        capacity = len(prompt) + budget - 1 if budget > 1 else len(prompt)
-        cache = KVCache(config, capacity, cfg.cache_mode, max_steps, device=device, dtype=model.dtype)
-        tokens = torch.empty(len(prompt) + budget, dtype=torch.long, device=device)
-        tokens[: len(prompt)] = torch.tensor(prompt, device=device)
-        depth = torch.zeros(capacity, dtype=torch.long, device=device)
-        visible = torch.ones(1, capacity + 1, dtype=torch.bool, device=device)
-        criterion = ExitCriterion(cfg.criterion, cfg.threshold, config.vocab_size)
-        trace: list[list[float]] | None = [] if cfg.trace else None
-        stats = GenerationStats(
-            prompt_tokens=len(prompt),
-            cache_bytes=cache.allocated_bytes,
-            cache_bytes_per_position=cache.bytes_per_position,
-        )
-        watch = Stopwatch(device)
-
-        generated: list[int] = []
-        steps_per_token: list[int] = []
-        exits = 0
-        shallowest = max_steps  # the fewest recurrences any cached position ran
-        start, chunk = 0, tokens[None, : len(prompt)]
-        warm = None
-        if cfg.continuous_compute:
-            warm = model.initial_state(model.prelude(chunk), cfg.init_scale, generator)
-        finish = "length"
-        while True:
-            embedded = model.prelude(chunk, start, cache)
-            state = warm if warm is not None else model.initial_state(embedded, cfg.init_scale, generator)
-            values: list[float] | None = [] if trace is not None else None
-            may_exit = cfg.exit_in_prefill or start > 0
-            state, logits, steps, exited = self._recur_until_exit(
-                model, state, embedded, start, cache, depth, visible, shallowest, criterion, may_exit, values
-            )
-            if logits is None:
-                logits = model.coda_logits(state, start, cache, last_only=True)[0][0, -1]
-            end = start + chunk.shape[1]
-            depth[start:end] = steps
-            shallowest = min(shallowest, steps)
-            steps_per_token.append(steps)
-            exits += exited
-            if trace is not None and values is not None:
-                trace.append(values)
-            tokens[end] = select(logits[None], tokens[:end])[0]
-            token = int(tokens[end])
-            if not generated:
-                stats.prefill_time_s = watch.lap()
-            if (yield from emit([token], generated, budget, stopping)):
-                finish = "stop"
-                break
-            if len(generated) == budget:
-                break
-            if cfg.continuous_compute:
-                warm = state[:, -1:]
-            start, chunk = end, tokens[None, end : end + 1]
-        stats.decode_time_s = watch.lap()
-        stats.generated_tokens = len(generated)
-        stats.core_steps = sum(steps_per_token)
-        stats.extra = {
-            "recurrences_per_token": steps_per_token,
-            "mean_recurrences_per_token": stats.core_steps / len(steps_per_token),
-            "early_exits": exits,
-            "exit_threshold": cfg.threshold,
-        }
-        if trace is not None:
-            stats.extra["criterion_values"] = trace
-        return GenerationResult(prompt, generated, finish, stats, self.decode_text(generated, params))
+    params_class = AdaptiveParams

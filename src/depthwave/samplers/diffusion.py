@@ -15,37 +15,33 @@ With one shared KV slot per layer (the paper's KV sharing) a position attends to
 position. Positions are held in buffers indexed by absolute position, so moving the wavefront is index
 arithmetic: nothing is concatenated or reallocated per step.
 
-Two modes. ``reference`` reproduces the official `generate_diffusion_style` token for token, quirks included.
-``default`` fixes its defects: the latent change is compared between the same positions (the reference pairs
-position p with p+g for one step after every freeze that advanced g positions); stop tokens are checked among all
-newly frozen tokens from the first step (the reference only looks at tokens frozen in the current step, and only
-after `num_steps` steps); the output is cut at the first stop token and at `max_new_tokens`; frozen tokens never
-shrink below the prompt; the cache maps slots by layer for any layout (depthwave's shared cache always does).
+Two modes. ``reference`` reproduces the official `generate_diffusion_style` token for token, quirks included
+(`depthwave.samplers.quirks.DiffusionQuirks` names each); ``default`` corrects them. The cache maps slots by layer
+for any layout in both (depthwave's shared cache always does).
+
+Batched: the engine runs every request's wavefront in one pass, each row with its own window; this module's
+`prepare` does the per-step bookkeeping for all diffusion rows at once (proposals, newly opened positions, latent
+changes, recurrence caps) and fetches what the freeze decisions need in the pass's one transfer; `freeze` is the
+decision itself, a pure function of the window and those numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from depthwave.errors import InvalidParameterError
-from depthwave.model.cache import CACHE_MODES, CacheMode, KVCache
-from depthwave.samplers.base import (
-    GenerationResult,
-    GenerationStats,
-    Sampler,
-    SamplingParams,
-    Stopwatch,
-    TokenSelector,
-    emit,
-    is_int,
-    is_number,
-    require,
-)
+from depthwave.engine.buffers import RandomStates
+from depthwave.engine.policy import Chunk, EngineContext, Noise, Policy, Sizing
+from depthwave.engine.request import GenerationStats, Request
+from depthwave.engine.selection import SamplingParams
+from depthwave.errors import InvalidParameterError, is_int, is_number, require
+from depthwave.model.config import HuginnConfig
+from depthwave.model.kv_cache import CACHE_MODES, CacheMode
+from depthwave.samplers.base import Sampler, cat, last_true, scatter_tokens, token_budget
+from depthwave.samplers.quirks import DiffusionQuirks, diffusion_quirks
 
 FreezeRule = Literal["latent-diff", "fixed", "token-stability", "latent-acceleration"]
 FREEZE_RULES: tuple[str, ...] = ("latent-diff", "fixed", "token-stability", "latent-acceleration")
@@ -91,6 +87,8 @@ class DiffusionParams:
     mode: Mode = "default"
     trace: bool = False
 
+    name: ClassVar[str] = "diffusion"
+
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             require(ok, name, getattr(self, name), what)
@@ -124,10 +122,17 @@ class DiffusionParams:
         for name in ("dampened_noise", "sqrt_noise", "full_prefill", "continuous_compute", "trace"):
             need(isinstance(getattr(self, name), bool), name, "true or false")
 
+    def policy_class(self) -> type[Policy]:
+        return DiffusionPolicy
+
+
+LATENT_RULES = ("latent-diff", "latent-acceleration")
+NEVER = 1 << 62
+
 
 @dataclass
-class _Window:
-    """Where the sampler stands: the cache holds positions < start; the wavefront is start..start+size-1;
+class Window:
+    """Where a request stands: the cache holds positions < start; the wavefront is start..start+size-1;
     `frozen` tokens are final; `length` tokens (frozen + proposals) are known."""
 
     start: int
@@ -136,355 +141,515 @@ class _Window:
     length: int
 
 
-@dataclass
-class _History:
-    """What the freeze rules compare against: the previous step's (trimmed) wavefront states, copied into
-    a preallocated buffer, with the position their first row belongs to and the window start of that step."""
+def freeze(
+    window: Window,
+    params: DiffusionParams,
+    quirks: DiffusionQuirks,
+    grown: int,
+    opened: int,
+    step: int,
+    warmup: int,
+    compared_from: int,
+    latent_last: int,
+    stable_last: int,
+    capped_last: int,
+) -> tuple[bool, int]:
+    """Decide which positions become final and move the window. `grown` positions are in flight after `opened` new
+    ones; the *_last numbers are 1 + the last wavefront row whose latent change is below ε (rows compared from
+    position `compared_from`), whose proposal is stable, whose recurrences reached the cap (0 = none). Returns
+    (whether anything froze, the cache length to keep)."""
+    start = window.start
+    boundary = 0
+    if params.freeze in LATENT_RULES:
+        boundary = compared_from + latent_last if latent_last else 0
+    elif params.freeze == "token-stability":
+        boundary = stable_last
+    elif step > warmup:  # fixed: `headway` tokens per step after a warm-up
+        keep = start + (params.headway if quirks.fixed_rule_keeps_headway else opened)
+        window.start, window.size = start + opened, grown - opened
+        window.frozen += opened
+        return True, keep
+    if params.max_recurrences is not None and capped_last:
+        # Row i predicts position start + i + 1: once it has run the maximum, that prediction is final.
+        boundary = max(boundary, start + capped_last + 1)
+    if boundary and not quirks.frozen_may_shrink:
+        boundary = max(boundary, start + 1)
+    if not boundary:
+        window.size = grown
+        return False, start
+    # Freeze everything before `boundary`; the last frozen position stays in the wavefront, as it predicts the
+    # first unfrozen token.
+    window.start, window.size = boundary - 1, start + grown - (boundary - 1)
+    window.frozen = boundary if quirks.frozen_may_shrink else max(boundary, window.frozen)
+    window.length = max(window.length, window.frozen)
+    return True, boundary - 1
 
-    states: Tensor
-    rows: int = 0
-    first_position: int = 0
-    step_start: int = 0
-    deltas: Tensor | None = None
-    """latent-acceleration: the previous change z_(t-1) - z_(t-2), indexed like `states`."""
-    older: Tensor | None = None
-    older_rows: int = 0
-    older_first_position: int = 0
+
+@dataclass
+class DiffusionStats(GenerationStats):
+    sampler_steps: int = 0
+    core_forward_passes: int = 0
+    token_positions_forwarded: int = 0
+    cache_rollback_positions: int = 0
+    standing_waves: int = 0
+    recurrences_per_token: list[int] = field(default_factory=list)
+    mean_recurrences_per_token: float = 0.0
+    sequential_core_steps: int = 0
+    mean_wavefront: float = 0.0
+    tokens_per_sampler_step: float = 0.0
+    hit_max_sampler_steps: bool = False
+    trace: list[dict[str, Any]] | None = None
+
+    sampler: ClassVar[str] = "diffusion"
+
+    def details(self) -> str:
+        return f"{self.sampler_steps} sampler steps, {self.tokens_per_sampler_step:.2f} tokens/step"
+
+
+class DiffusionPolicy(Policy):
+    def __init__(self, request: Request, ctx: EngineContext) -> None:
+        super().__init__(request, ctx)
+        params: DiffusionParams = request.sampler  # type: ignore[assignment]
+        model = ctx.model
+        self.params = params
+        self.quirks = diffusion_quirks(params.mode)
+        self.num_steps = params.num_steps or model.config.mean_recurrence
+        self.warmup = self.num_steps // params.inner_recurrence
+        self.random = RandomStates(model.config, params.init_scale, request.generator, model.device, model.dtype)
+        prompt = request.prompt_token_ids
+        # A host copy of the row's tokens: what froze is streamed from it without another device read.
+        self.tokens = list(prompt) + [0] * (ctx.buffers.length - len(prompt))
+        self.phase = "prefill" if params.full_prefill else "step"
+        self.window = Window(0, len(prompt), len(prompt), len(prompt))
+        self.step = 0
+        self.step_start = 0  # the window start of the previous step (what the reference pairs latents by)
+        self.older = (0, 0)  # latent-acceleration: the window whose states the `older` buffer holds
+        self.embedded_until = 0
+        self.boundary = self.boundary_before = 0  # the reference's freeze boundary k and its previous value
+        self.forward_passes = self.positions_forwarded = self.rollback_positions = self.standing_waves = 0
+        self.trace: list[dict[str, Any]] | None = [] if params.trace else None
+        self.recurrences: list[int] = []
+
+    @staticmethod
+    def size(params: DiffusionParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:
+        cap, headway = params.max_wavefront, params.headway
+        num_steps = params.num_steps or config.mean_recurrence
+        if not params.full_prefill and cap and prompt_len > cap:
+            raise InvalidParameterError(
+                f"without full_prefill the prompt ({prompt_len} tokens) must fit in max_wavefront={cap}"
+            )
+        if params.cache_mode == "per-step" and params.inner_recurrence > num_steps:
+            raise InvalidParameterError(
+                f"with cache_mode 'per-step', inner_recurrence ({params.inner_recurrence}) cannot exceed num_steps "
+                f"({num_steps})"
+            )
+        quirks = diffusion_quirks(params.mode)
+        budget = (
+            sampling.max_new_tokens if quirks.budget_ignores_context else token_budget(prompt_len, sampling, config)
+        )
+        # Every position the loop can touch: it runs while fewer than `budget` tokens are frozen, and one step
+        # reaches at most one wavefront plus headway beyond the frozen ones.
+        positions = min(config.block_size, prompt_len + budget + (cap or config.block_size) + headway)
+        return Sizing(budget, positions, positions + headway + 2, num_steps)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.phase == "prefill":
+            return
+        n = self.prompt_len
+        self.ctx.buffers.states[self.row, :n] = self.random.take(n)
+        if self.params.momentum > 0:
+            self._embed(n)
+
+    def _embed(self, count: int) -> None:
+        """The prelude over the first `count` tokens without the cache: the embeddings momentum starts from."""
+        model, buffers = self.ctx.model, self.ctx.buffers
+        ids = buffers.tokens[self.row : self.row + 1, :count]
+        at = model.positions([0], [count], cached=False)
+        buffers.optional("embeddings")[self.row, :count] = model.prelude(ids, at)[0]
+        self.embedded_until = count
+
+    def chunk(self) -> Chunk:
+        params = self.params
+        if self.phase == "prefill":
+            n = self.prompt_len
+            return Chunk(0, n, self.num_steps, n - 1, init=self.random.take(n), accumulate=True, context=n)
+        w = self.window
+        noise = None
+        if params.noise > 0:
+            noise = Noise(params.noise, params.dampened_noise, params.sqrt_noise, self.random.take(w.size))
+        # Re-propose every not-yet-frozen position; row j of the wavefront predicts position start + j + 1.
+        offset = max(w.frozen - 1 - w.start, 0)
+        return Chunk(
+            w.start,
+            w.size,
+            params.inner_recurrence,
+            offset,
+            accumulate=True,
+            context=w.frozen,
+            momentum=params.momentum,
+            embedded_until=self.embedded_until,
+            noise=noise,
+        )
+
+    # ---- after a pass: device work for all diffusion rows, then each row's decision ---------------------------
+    @classmethod
+    def prepare(cls, members: list[tuple[Policy, int]], result) -> list[Tensor]:  # type: ignore[no-untyped-def]
+        prefill = [(p, i) for p, i in members if p.phase == "prefill"]  # type: ignore[attr-defined]
+        steps = [(p, i) for p, i in members if p.phase == "step"]  # type: ignore[attr-defined]
+        fetched = [policy._after_prefill(index, result) for policy, index in prefill]  # type: ignore[attr-defined]
+        if steps:
+            fetched.extend(_after_steps(steps, result))  # type: ignore[arg-type]
+        return fetched
+
+    @classmethod
+    def decide(cls, members: list[tuple[Policy, int]], fetched: list[list[float]], result) -> None:  # type: ignore[no-untyped-def]
+        prefill = [(p, i) for p, i in members if p.phase == "prefill"]  # type: ignore[attr-defined]
+        steps = [(p, i) for p, i in members if p.phase == "step"]  # type: ignore[attr-defined]
+        for (policy, _), values in zip(prefill, fetched, strict=False):
+            policy._prefilled(int(values[0]))  # type: ignore[attr-defined]
+        if steps:
+            proposals, decisions, *rest = fetched[len(prefill) :]
+            opened = sum(p.params.headway > 1 for p, _ in steps)  # type: ignore[attr-defined]
+            randoms, traced = iter(rest[:opened]), iter(rest[opened:])
+            first = 0
+            for n, (policy, index) in enumerate(steps):
+                chunk = result.chunks[index]
+                count = chunk.logits_rows
+                policy._stepped(  # type: ignore[attr-defined]
+                    chunk,
+                    [int(v) for v in proposals[first : first + count]],
+                    [int(v) for v in decisions[3 * n : 3 * n + 3]],
+                    randoms,
+                    traced,
+                )
+                first += count
+
+    def _after_prefill(self, index: int, result) -> Tensor:  # type: ignore[no-untyped-def]
+        buffers, n = self.ctx.buffers, self.prompt_len
+        token = result.tokens_of(index)
+        buffers.tokens[self.row, n] = token[0]
+        buffers.states[self.row, n] = self.random.take(1)[0]
+        if self.quirks.prefill_depth_on_new_position:
+            buffers.counts[self.row, n] += self.num_steps
+        if self.params.momentum > 0:
+            self._embed(n + 1)
+        return token
+
+    def _prefilled(self, token: int) -> None:
+        n = self.prompt_len
+        self.forward_passes += 1
+        self.positions_forwarded += n
+        self.tokens[n] = token
+        self.window = Window(n, 1, n + 1, n + 1)
+        self.phase = "step"
+        output = self.request.output
+        assert output is not None
+        if self.quirks.late_stop_check:
+            output.extend_unchecked([token])
+        elif output.emit([token]):
+            self.finish("stop")
+            return
+        self._continue_or_finish()
+
+    def _stepped(self, chunk: Chunk, proposals: list[int], decision: list[int], randoms, traced) -> None:  # type: ignore[no-untyped-def]
+        params, quirks, w = self.params, self.quirks, self.window
+        start, size = w.start, w.size
+        frozen_before = w.frozen
+        headway, cap = params.headway, params.max_wavefront
+        self.forward_passes += params.inner_recurrence
+        self.positions_forwarded += params.inner_recurrence * size
+        self.embedded_until = start + size
+        fill_from = w.frozen + len(proposals)
+        self.tokens[w.frozen : fill_from] = proposals
+        if headway > 1:
+            self.tokens[fill_from : fill_from + headway - 1] = [int(v) for v in next(randoms)]
+        w.length = fill_from + headway - 1
+        grown, opened = size + headway, headway
+        if cap and grown > cap:
+            opened, grown = cap - size, cap
+            w.length = start + cap
+            self.standing_waves += 1
+        latent_last, stable_last, capped_last = decision
+        compared_from = self._compared_from(start, size)
+        froze, keep = freeze(
+            w,
+            params,
+            quirks,
+            grown,
+            opened,
+            self.step,
+            self.warmup,
+            compared_from[0],
+            latent_last,
+            stable_last,
+            capped_last,
+        )
+        pool = self.ctx.pool
+        pool.rollback(self.row, keep)
+        self.rollback_positions += start + size - keep
+        if w.size == 0:
+            # Everything in flight froze (possible with a one-position wavefront): the next position starts
+            # from a fresh state, as in static decoding.
+            w.size = 1
+            self.ctx.buffers.states[self.row, w.start] = self.random.take(1)[0]
+        if froze and params.freeze in LATENT_RULES:
+            self.boundary = w.frozen
+        if self.trace is not None:
+            deltas, recurrences = next(traced), next(traced)
+            self.trace.append(
+                {
+                    "step": self.step,
+                    "start": start,
+                    "size": size,
+                    "frozen_before": frozen_before,
+                    "frozen_after": w.frozen,
+                    "proposals": proposals,
+                    "compared_from": compared_from[0],
+                    "latent_change": deltas[: compared_from[1]],
+                    "recurrences": [int(v) for v in recurrences],
+                }
+            )
+        ended = self._stream(headway)
+        if ended == "cap":
+            return
+        if ended == "stop" and self.quirks.late_stop_check:
+            self.finish("stop")  # the reference leaves its loop before counting the step
+            return
+        self.step_start = start
+        self.older = (start, size)
+        self.boundary_before = self.boundary
+        self.step += 1
+        if ended == "stop":
+            self.finish("stop")
+        else:
+            self._continue_or_finish()
+
+    def _compared_from(self, start: int, size: int) -> tuple[int, int]:
+        """(first position, number of rows) whose latent change this step's freeze rule compares."""
+        if self.params.freeze == "latent-acceleration":
+            older_start, older_size = self.older
+            first = max(start, older_start)
+            return first, max(0, min(start + size, older_start + older_size) - first)
+        shift = start - self.step_start if self.quirks.shifted_latent_pairs else 0
+        return start, max(0, size - shift)
+
+    def _stream(self, headway: int) -> str | None:
+        """Hand over what froze. Returns "stop" when a stop token ended generation, "cap" when the step cap did
+        (and the request finished), else None."""
+        output = self.request.output
+        assert output is not None
+        w, stops = self.window, output.stop.ids
+        fresh = self.tokens[self.prompt_len + len(output.tokens) : w.frozen]
+        if self.quirks.late_stop_check:
+            output.extend_unchecked(fresh)
+            if self.step > self.num_steps:
+                if self.params.freeze in LATENT_RULES:
+                    recent = self.tokens[self.boundary_before : self.boundary]
+                else:
+                    recent = self.tokens[max(w.frozen - headway, 0) : w.frozen]
+                if any(t in stops for t in recent):
+                    return "stop"
+            if self.step > self.params.max_sampler_steps:
+                self.finish("length")
+                return "cap"
+            return None
+        stopped = output.emit(fresh)
+        if self.step + 1 >= self.params.max_sampler_steps:
+            self.step += 1
+            self.finish("stop" if stopped else "length")
+            return "cap"
+        return "stop" if stopped else None
+
+    def _continue_or_finish(self) -> None:
+        output = self.request.output
+        assert output is not None
+        w = self.window
+        produced = w.frozen - self.prompt_len if self.quirks.uncut_output else len(output.tokens)
+        if produced >= self.request.budget or w.length > self.ctx.model.config.block_size:
+            self.finish("length")
+
+    # ---- per-row helpers: opening positions, the rarer freeze rules ------------------------------------
+    def _open_positions(self, wave_out: Tensor) -> list[Tensor]:
+        """Open `headway` new positions at the front: random tokens beyond the first proposal (headway > 1) and fresh
+        states (or copies of the newest states with continuous compute)."""
+        params, w, buffers = self.params, self.window, self.ctx.buffers
+        headway, extras = params.headway, []
+        fill_from = w.frozen + w.size - max(w.frozen - 1 - w.start, 0)
+        if headway > 1:
+            vocab = 65510 if self.quirks.random_tokens_below_65510 else self.ctx.model.config.vocab_size
+            random = torch.randint(0, vocab, (headway - 1,), generator=self.request.generator, device=buffers.device)
+            buffers.tokens[self.row, fill_from : fill_from + headway - 1] = random
+            extras.append(random)
+        front = w.start + w.size
+        if params.continuous_compute and w.size >= headway:
+            buffers.states[self.row, front : front + headway] = wave_out[w.size - headway : w.size]
+        else:
+            buffers.states[self.row, front : front + headway] = self.random.take(headway)
+        return extras
+
+    def _count_agreement(self, proposals: Tensor) -> None:
+        """token-stability: every frozen position gains one, every proposal that repeats the token it replaces too."""
+        w = self.window
+        stability = self.ctx.buffers.optional("stability")[self.row]
+        stability[: w.frozen] += 1
+        known = w.length - w.frozen
+        if known > 0:
+            tokens = self.ctx.buffers.tokens[self.row, w.frozen : w.length]
+            stability[w.frozen : w.length] += tokens == proposals[:known]
+
+    def _stable_last(self) -> Tensor:
+        """token-stability: 1 + the last position whose proposal agreed more than num_steps // r' times."""
+        w = self.window
+        count = w.size - max(w.frozen - 1 - w.start, 0)
+        length = w.frozen + count + self.params.headway - 1
+        if self.params.max_wavefront and w.size + self.params.headway > self.params.max_wavefront:
+            length = w.start + self.params.max_wavefront
+        stability = self.ctx.buffers.optional("stability")[self.row, :length]
+        return last_true((stability > self.warmup)[None])[0]
+
+    def _acceleration(self, wave_in: Tensor, wave_out: Tensor) -> tuple[Tensor, int]:
+        """latent-acceleration: ‖(z_t − z_(t−1)) − (z_(t−1) − z_(t−2))‖ / ‖z_t‖ over the positions held by all three
+        (z_(t−2) from the `older` buffer), and the first of them."""
+        w = self.window
+        first, rows = self._compared_from(w.start, w.size)
+        older = self.ctx.buffers.optional("older")[self.row, first : first + rows]
+        current = wave_out[first - w.start : first - w.start + rows]
+        previous = wave_in[first - w.start : first - w.start + rows]
+        acceleration = (current - previous) - (previous - older)
+        return acceleration.norm(dim=-1) / (current.norm(dim=-1) + 1e-6), first
+
+    def _acceleration_last(self, wave_in: Tensor, wave_out: Tensor) -> Tensor:
+        deltas, _ = self._acceleration(wave_in, wave_out)
+        w = self.window
+        # The states of this step's window become z_(t−2) of the step after next.
+        self.ctx.buffers.optional("older")[self.row, w.start : w.start + w.size] = wave_in[: w.size]
+        return last_true((deltas < self.params.exit_threshold)[None])[0]
+
+    # ---- results ------------------------------------------------------------------------------------------
+    def final_tokens(self, emitted: list[int]) -> list[int]:
+        # Token q is predicted by the state at position q - 1 (read now: the row is freed after this).
+        generated = self.tokens[self.prompt_len : self.window.frozen] if self.quirks.uncut_output else emitted
+        first = self.prompt_len - 1
+        self.recurrences = self.ctx.buffers.counts[self.row, first : first + len(generated)].tolist()
+        if self.quirks.prefill_depth_on_new_position and self.params.full_prefill and len(self.recurrences) > 1:
+            self.recurrences[1] -= self.num_steps
+        if self.quirks.uncut_output:
+            stops = self.request.output.stop.ids  # type: ignore[union-attr]
+            self.request.finish_reason = "stop" if any(t in stops for t in generated) else "length"
+        return generated
+
+    def finalize_stats(self) -> DiffusionStats:
+        params, steps = self.params, self.step
+        per_token = self.recurrences
+        prefill = self.prompt_len if params.full_prefill else 0
+        return DiffusionStats(
+            core_steps=sum(per_token),
+            sampler_steps=steps,
+            core_forward_passes=self.forward_passes,
+            token_positions_forwarded=self.positions_forwarded,
+            cache_rollback_positions=self.rollback_positions,
+            standing_waves=self.standing_waves,
+            recurrences_per_token=per_token,
+            mean_recurrences_per_token=sum(per_token) / len(per_token) if per_token else 0.0,
+            sequential_core_steps=(self.num_steps if params.full_prefill else 0) + params.inner_recurrence * steps,
+            mean_wavefront=((self.positions_forwarded - prefill) / (params.inner_recurrence * steps) if steps else 0.0),
+            tokens_per_sampler_step=len(per_token) / steps if steps else 0.0,
+            hit_max_sampler_steps=steps >= params.max_sampler_steps,
+            trace=self.trace,
+        )
+
+
+def _after_steps(members: list[tuple[DiffusionPolicy, int]], result) -> list[Tensor]:  # type: ignore[no-untyped-def]
+    """A sampler step's device work for every diffusion row of a pass: store the proposals, open the new positions,
+    and compute what the freeze rules compare. Returns [proposals, decisions [B, 3], then per row: headway
+    tokens (if any), trace values (if traced)]."""
+    ctx = members[0][0].ctx
+    buffers = ctx.buffers
+    device = buffers.tokens.device
+    index = torch.tensor([i for _, i in members], device=device)
+    whole = len(members) == len(result.chunks)
+    wave_in = result.wave_in if whole else result.wave_in[index]
+    wave_out = result.wave_out if whole else result.wave_out[index]
+    chunks = [result.chunks[i] for _, i in members]
+    proposals = result.tokens if whole and result.tokens is not None else cat([result.tokens_of(i) for _, i in members])
+    for policy, i in members:
+        if policy.params.freeze == "token-stability":
+            policy._count_agreement(result.tokens_of(i))
+    # Proposals replace the not-yet-frozen tokens.
+    rows, places = [], []
+    for policy, _ in members:
+        w = policy.window
+        count = w.size - max(w.frozen - 1 - w.start, 0)
+        rows.extend([policy.row] * count)
+        places.extend(range(w.frozen, w.frozen + count))
+    scatter_tokens(buffers.tokens, rows, places, proposals)
+    extras: list[Tensor] = []
+    for n, (policy, _) in enumerate(members):
+        extras.extend(policy._open_positions(wave_out[n]))
+    width = wave_out.shape[1]
+    decisions = torch.zeros(len(members), 3, dtype=torch.long, device=device)
+    if any(p.params.freeze == "latent-diff" for p, _ in members):
+        decisions[:, 0] = _latent_diff_last(members, wave_in, wave_out)
+    caps = [p.params.max_recurrences for p, _ in members]
+    if any(c is not None for c in caps):
+        counts = buffers.gather(buffers.counts, result.at)
+        counts = counts if whole else counts[index]
+        sizes = torch.tensor([c.size for c in chunks], device=device)
+        limit = torch.tensor([NEVER if c is None else c for c in caps], device=device)
+        inside = torch.arange(width, device=device)[None, :] < sizes[:, None]
+        decisions[:, 2] = last_true(inside & (counts >= limit[:, None]))
+    if any(p.trace is not None for p, _ in members):
+        # Before the acceleration rule moves its `older` states on.
+        extras.extend(_trace_values(members, wave_in, wave_out, result))
+    for n, (policy, _) in enumerate(members):
+        if policy.params.freeze == "latent-acceleration":
+            decisions[n, 0] = policy._acceleration_last(wave_in[n], wave_out[n])
+        elif policy.params.freeze == "token-stability":
+            decisions[n, 1] = policy._stable_last()
+    return [proposals, decisions, *extras]
+
+
+def _latent_diff_last(members: list[tuple[DiffusionPolicy, int]], wave_in: Tensor, wave_out: Tensor) -> Tensor:
+    """Per row: 1 + the last compared wavefront row whose normalised latent change ‖z_t − z_(t−1)‖/‖z_t‖ is below
+    ε, or 0. The previous state of a position is the pass's input state there (the reference's shifted pairing
+    reads it g rows further on)."""
+    device = wave_out.device
+    width = wave_out.shape[1]
+    shifts = [p.window.start - p.step_start if p.quirks.shifted_latent_pairs else 0 for p, _ in members]
+    previous = wave_in
+    if any(shifts):
+        rows = torch.arange(width, device=device)[None, :] + torch.tensor(shifts, device=device)[:, None]
+        previous = wave_in.gather(1, rows.clamp_max(width - 1)[:, :, None].expand(-1, -1, wave_in.shape[-1]))
+    deltas = (wave_out - previous).norm(dim=-1) / wave_out.norm(dim=-1)
+    compared = torch.tensor([p._compared_from(p.window.start, p.window.size)[1] for p, _ in members], device=device)
+    threshold = torch.tensor([p.params.exit_threshold for p, _ in members], dtype=deltas.dtype, device=device)
+    inside = torch.arange(width, device=device)[None, :] < compared[:, None]
+    return last_true(inside & (deltas < threshold[:, None]))
+
+
+def _trace_values(
+    members: list[tuple[DiffusionPolicy, int]], wave_in: Tensor, wave_out: Tensor, result
+) -> list[Tensor]:  # type: ignore[no-untyped-def]
+    """Per traced row: its latent changes (as compared) and its positions' recurrence counts."""
+    out = []
+    for n, (policy, _) in enumerate(members):
+        if policy.trace is None:
+            continue
+        w = policy.window
+        rows = policy._compared_from(w.start, w.size)[1]
+        if policy.params.freeze == "latent-acceleration":
+            out.append(policy._acceleration(wave_in[n], wave_out[n])[0])
+        elif rows:
+            shift = w.start - policy.step_start if policy.quirks.shifted_latent_pairs else 0
+            current = wave_out[n, :rows]
+            out.append((current - wave_in[n, shift : shift + rows]).norm(dim=-1) / current.norm(dim=-1))
+        else:
+            out.append(wave_out.new_zeros(0))
+        out.append(policy.ctx.buffers.counts[policy.row, w.start : w.start + w.size])
+    return out
 
 
 class DiffusionSampler(Sampler):
     name = "diffusion"
-
-    def __init__(self, model, tokenizer=None, default_stop_ids=(), params: DiffusionParams | None = None) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(model, tokenizer, default_stop_ids)
-        self.params = params or DiffusionParams()
-
-    # ---- helpers ------------------------------------------------------------------------------------------------
-    def _random_states(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        return self.model.initial_state(like, self.params.init_scale, generator)
-
-    def _add_noise(self, wave: Tensor, recurrences: Tensor, generator: torch.Generator | None) -> Tensor:
-        cfg = self.params
-        amount = torch.full_like(recurrences, cfg.noise, dtype=torch.float32)
-        if cfg.dampened_noise:
-            amount = amount / (1 + recurrences)
-        amount = amount.to(wave.dtype)[None, :, None]
-        noise = self._random_states(wave, generator)
-        if cfg.sqrt_noise:
-            return wave * (1 - amount).clamp_min(0).sqrt() + amount.sqrt() * noise
-        return wave * (1 - amount) + amount * noise
-
-    @staticmethod
-    def _last_true(mask: Tensor) -> int:
-        """1 + the largest index where mask is true, or 0 if it is nowhere (one device sync)."""
-        ranks = torch.arange(1, mask.shape[0] + 1, device=mask.device)
-        return int((ranks * mask).max()) if mask.numel() else 0
-
-    @staticmethod
-    def _remember(history: _History, states: Tensor, first: int, rows: int, step_start: int) -> None:
-        """Keep the trimmed wavefront's states for the next step's comparison (and the one before, for the
-        acceleration rule: the two buffers swap roles instead of copying)."""
-        if history.older is not None:
-            history.older, history.states = history.states, history.older
-            history.older_rows, history.older_first_position = history.rows, history.first_position
-        history.states[:, :rows] = states[:, first : first + rows]
-        history.rows, history.first_position, history.step_start = rows, first, step_start
-
-    def _latent_deltas(
-        self, history: _History, states: Tensor, start: int, grown: int, reference: bool
-    ) -> tuple[Tensor | None, int]:
-        """Normalised change of each wavefront state and the absolute position of the first compared row."""
-        current_all = states[0, start : start + grown]
-        if self.params.freeze == "latent-diff":
-            # The reference slices the previous states by the distance between the two steps' window starts, but
-            # they were stored from the trimmed window, which starts at this step's start: after a freeze that
-            # advanced g positions it pairs position p with p + g. Corrected: pair equal positions.
-            offset = start - (history.step_start if reference else history.first_position)
-            rows = min(history.rows - offset, grown)
-            if rows <= 0:
-                return None, start
-            current = current_all[:rows]
-            return (current - history.states[0, offset : offset + rows]).norm(dim=-1) / current.norm(dim=-1), start
-        # latent-acceleration: ‖(z_t − z_(t−1)) − (z_(t−1) − z_(t−2))‖ / ‖z_t‖ over positions held by all three.
-        assert history.older is not None
-        first = max(start, history.first_position, history.older_first_position)
-        end = min(
-            start + grown, history.first_position + history.rows, history.older_first_position + history.older_rows
-        )
-        if end <= first:
-            return None, start
-        current = states[0, first:end]
-        previous = history.states[0, first - history.first_position : end - history.first_position]
-        older = history.older[0, first - history.older_first_position : end - history.older_first_position]
-        acceleration = (current - previous) - (previous - older)
-        return acceleration.norm(dim=-1) / (current.norm(dim=-1) + 1e-6), first
-
-    def _freeze(
-        self,
-        window: _Window,
-        history: _History,
-        states: Tensor,
-        stability: Tensor,
-        counts: Tensor,
-        grown: int,
-        opened: int,
-        num_steps: int,
-        step: int,
-        reference: bool,
-        cache: KVCache,
-    ) -> tuple[bool, Tensor | None, int]:
-        """Decide which positions become final, roll the cache back over the rest, move the window. Returns
-        (whether anything froze, the latent changes compared if the rule uses them, the first compared position)."""
-        cfg = self.params
-        start = window.start
-        deltas, boundary, first = None, 0, start
-        if cfg.freeze in ("latent-diff", "latent-acceleration"):
-            deltas, first = self._latent_deltas(history, states, start, grown, reference)
-            if deltas is not None:
-                last = self._last_true(deltas < cfg.exit_threshold)
-                boundary = first + last if last else 0
-        elif cfg.freeze == "token-stability":
-            # Freeze up to the last position whose proposal agreed more than num_steps // r' times in all.
-            boundary = self._last_true(stability[: window.length] > num_steps // cfg.inner_recurrence)
-        elif step > num_steps // cfg.inner_recurrence:  # fixed: `headway` tokens per step after a warm-up
-            # The reference keeps `headway` positions of the cache even when a standing wave opened fewer.
-            cache.truncate(start + (cfg.headway if reference else opened))
-            window.start, window.size = start + opened, grown - opened
-            window.frozen += opened
-            return True, None, first
-        if cfg.max_recurrences is not None:
-            # Row i predicts position start + i + 1: once it has run the maximum, that prediction is final.
-            done = self._last_true(counts[window.start : window.start + window.size] >= cfg.max_recurrences)
-            if done:
-                boundary = max(boundary, start + done + 1)
-        if boundary and not reference:
-            boundary = max(boundary, start + 1)
-        if not boundary:
-            cache.truncate(start)
-            window.size = grown
-            return False, deltas, first
-        # Freeze everything before `boundary`; the last frozen position stays in the wavefront, as it predicts the
-        # first unfrozen token.
-        cache.truncate(boundary - 1)
-        window.start, window.size = boundary - 1, start + grown - (boundary - 1)
-        window.frozen = boundary if reference else max(boundary, window.frozen)
-        window.length = max(window.length, window.frozen)
-        return True, deltas, first
-
-    @torch.inference_mode()
-    def _generate(self, prompt: list[int], params: SamplingParams) -> Generator[int, None, GenerationResult]:
-        cfg, model = self.params, self.model
-        reference = cfg.mode == "reference"
-        config = model.config
-        device, dtype = model.device, model.dtype
-        num_steps = cfg.num_steps or config.mean_recurrence
-        r_inner, headway, cap = cfg.inner_recurrence, cfg.headway, cfg.max_wavefront
-        prompt_len = len(prompt)
-        if not cfg.full_prefill and cap and prompt_len > cap:
-            raise InvalidParameterError(
-                f"without full_prefill the prompt ({prompt_len} tokens) must fit in max_wavefront={cap}"
-            )
-        if cfg.cache_mode == "per-step" and r_inner > num_steps:
-            raise InvalidParameterError(
-                f"with cache_mode 'per-step', inner_recurrence ({r_inner}) cannot exceed num_steps ({num_steps})"
-            )
-        budget = params.max_new_tokens if reference else self.token_budget(prompt, params)
-        stops = self.stop_ids(params)
-        stopping = self.stop_condition(params)
-        generator = self.generator(params)
-        select = TokenSelector(params, generator)
-
-        # Every position the loop can touch: it runs while fewer than `budget` tokens are frozen, and one step
-        # reaches at most one wavefront plus headway beyond the frozen ones.
-        positions = min(config.block_size, prompt_len + budget + (cap or config.block_size) + headway)
-        capacity = positions + headway + 2
-        tokens = torch.zeros(capacity, dtype=torch.long, device=device)
-        tokens[:prompt_len] = torch.tensor(prompt, device=device)
-        states = torch.zeros(1, capacity, config.n_embd, device=device, dtype=dtype)
-        embeddings = torch.zeros_like(states) if cfg.momentum > 0 else None
-        embedded_until = 0
-        counts = torch.zeros(capacity, dtype=torch.long, device=device)
-        stability = torch.zeros(capacity, dtype=torch.long, device=device)
-        history = _History(torch.zeros_like(states))
-        if cfg.freeze == "latent-acceleration":
-            history.older = torch.zeros_like(states)
-        cache = KVCache(config, positions, cfg.cache_mode, num_steps, device=device, dtype=dtype)
-        stats = GenerationStats(
-            prompt_tokens=prompt_len,
-            cache_bytes=cache.allocated_bytes,
-            cache_bytes_per_position=cache.bytes_per_position,
-        )
-        counters = {
-            "core_forward_passes": 0,
-            "token_positions_forwarded": 0,
-            "cache_rollback_positions": 0,
-            "standing_waves": 0,
-        }
-        trace: list[dict[str, Any]] | None = [] if cfg.trace else None
-        watch = Stopwatch(device)
-
-        # ---- prefill ----------------------------------------------------------------------------------------
-        emitted: list[int] = []
-        finish = "length"
-        if cfg.full_prefill:
-            out = model(
-                tokens[None, :prompt_len], num_steps, cfg.init_scale, cache=cache, last_only=True, generator=generator
-            )
-            counters["core_forward_passes"] += 1
-            counters["token_positions_forwarded"] += prompt_len
-            tokens[prompt_len] = select(out.logits[:, -1], tokens[:prompt_len])[0]
-            # The reference also credits the prefill's depth to the new token's position, which has not run yet
-            # (it matters for the noise damping); the default mode counts what each state really ran.
-            counts[: prompt_len + (1 if reference else 0)] += num_steps
-            window = _Window(start=prompt_len, size=1, frozen=prompt_len + 1, length=prompt_len + 1)
-            states[:, prompt_len : prompt_len + 1] = self._random_states(states[:, :1], generator)
-            if embeddings is not None:
-                embeddings[:, : prompt_len + 1] = model.prelude(tokens[None, : prompt_len + 1])
-                embedded_until = prompt_len + 1
-            stats.prefill_time_s = watch.lap()
-            first = int(tokens[prompt_len])
-            emitted.append(first)
-            yield first
-            if not reference and stopping(emitted):
-                finish = "stop"
-        else:
-            window = _Window(start=0, size=prompt_len, frozen=prompt_len, length=prompt_len)
-            states[:, :prompt_len] = self._random_states(states[:, :prompt_len], generator)
-            if embeddings is not None:
-                embeddings[:, :prompt_len] = model.prelude(tokens[None, :prompt_len])
-                embedded_until = prompt_len
-            stats.prefill_time_s = watch.lap()
-        self._remember(history, states, window.start, window.size, step_start=0)
-        boundary = boundary_before = 0  # the reference's freeze boundary k and its previous value
-
-        # ---- sampler steps ------------------------------------------------------------------------------------
-        step = 0
-        while (len(emitted) < budget if not reference else window.frozen - prompt_len < budget) and (
-            finish == "length" and window.length <= config.block_size
-        ):
-            start, size, known = window.start, window.size, window.length
-            frozen_before = window.frozen
-
-            embedded = model.prelude(tokens[None, start : start + size], start, cache)
-            if embeddings is not None:
-                embedded = embedded * (1 - cfg.momentum)
-                overlap = max(0, min(embedded_until, start + size) - start)
-                embedded[:, :overlap] += cfg.momentum * embeddings[:, start : start + overlap]
-                embeddings[:, start : start + size] = embedded
-                embedded_until = start + size
-            wave = states[:, start : start + size]
-            if cfg.noise > 0:
-                wave = self._add_noise(wave, counts[start : start + size], generator)
-            wave = model.recur(wave, embedded, r_inner, start, cache)
-            states[:, start : start + size] = wave
-            counts[start : start + size] += r_inner
-            counters["core_forward_passes"] += r_inner
-            counters["token_positions_forwarded"] += r_inner * size
-            logits, _ = model.coda_logits(wave, start, cache)
-
-            # Re-propose every not-yet-frozen position; row j of the wavefront predicts position start + j + 1.
-            offset = max(window.frozen - 1 - start, 0)
-            proposals = select(logits[0, offset:], tokens[: window.frozen])
-            stability[: window.frozen] += 1
-            stability[window.frozen : known] += tokens[window.frozen : known] == proposals[: known - window.frozen]
-            fill_from = window.frozen + proposals.shape[0]
-            tokens[window.frozen : fill_from] = proposals
-            if headway > 1:
-                tokens[fill_from : fill_from + headway - 1] = torch.randint(
-                    0, 65510 if reference else config.vocab_size, (headway - 1,), generator=generator, device=device
-                )
-            window.length = fill_from + headway - 1
-
-            # Open `headway` new positions at the front, within the wavefront cap.
-            front = start + size
-            if cfg.continuous_compute and size >= headway:
-                states[:, front : front + headway] = wave[:, size - headway :]
-            else:
-                states[:, front : front + headway] = self._random_states(states[:, front : front + headway], generator)
-            grown, opened = size + headway, headway
-            if cap and grown > cap:
-                opened, grown = cap - size, cap
-                window.length = start + cap
-                counters["standing_waves"] += 1
-
-            froze, deltas, compared_from = self._freeze(
-                window, history, states, stability, counts, grown, opened, num_steps, step, reference, cache
-            )
-            if window.size == 0:
-                # Everything in flight froze (possible with a one-position wavefront): the next position starts
-                # from a fresh state, as in static decoding.
-                window.size = 1
-                states[:, window.start : window.start + 1] = self._random_states(states[:, :1], generator)
-            counters["cache_rollback_positions"] += start + size - cache.length
-            if froze and cfg.freeze in ("latent-diff", "latent-acceleration"):
-                boundary = window.frozen
-            if trace is not None:
-                trace.append(
-                    {
-                        "step": step,
-                        "start": start,
-                        "size": size,
-                        "frozen_before": frozen_before,
-                        "frozen_after": window.frozen,
-                        "proposals": proposals.tolist(),
-                        "compared_from": compared_from,
-                        "latent_change": [] if deltas is None else deltas.float().tolist(),
-                        "recurrences": counts[start : start + size].tolist(),
-                    }
-                )
-
-            # Stream what froze; stop.
-            fresh = tokens[prompt_len + len(emitted) : window.frozen].tolist()
-            if reference:
-                emitted.extend(fresh)
-                yield from fresh
-                if step > num_steps:
-                    if cfg.freeze in ("latent-diff", "latent-acceleration"):
-                        recent = tokens[boundary_before:boundary].tolist()
-                    else:
-                        recent = tokens[max(window.frozen - headway, 0) : window.frozen].tolist()
-                    if any(t in stops for t in recent):
-                        break
-                if step > cfg.max_sampler_steps:
-                    break
-            else:
-                if (yield from emit(fresh, emitted, budget, stopping)):
-                    finish = "stop"
-                if step + 1 >= cfg.max_sampler_steps:
-                    step += 1
-                    break
-            self._remember(history, states, window.start, window.size, step_start=start)
-            boundary_before = boundary
-            step += 1
-
-        stats.decode_time_s = watch.lap()
-        if reference:
-            # The reference returns every frozen token, uncut at stop tokens and possibly beyond the budget.
-            generated = tokens[prompt_len : window.frozen].tolist()
-            finish = "stop" if any(t in stops for t in generated) else "length"
-        else:
-            generated = emitted
-        # Token q is predicted by the state at position q - 1.
-        recurrences = counts[prompt_len - 1 : prompt_len - 1 + len(generated)].clone()
-        if reference and cfg.full_prefill and recurrences.numel() > 1:
-            recurrences[1] -= num_steps
-        per_token = recurrences.tolist()
-        stats.generated_tokens = len(generated)
-        stats.core_steps = int(sum(per_token))
-        stats.extra = {
-            "sampler_steps": step,
-            **counters,
-            "recurrences_per_token": per_token,
-            "mean_recurrences_per_token": sum(per_token) / len(per_token) if per_token else 0.0,
-            "sequential_core_steps": (num_steps if cfg.full_prefill else 0) + r_inner * step,
-            "mean_wavefront": (
-                (counters["token_positions_forwarded"] - (prompt_len if cfg.full_prefill else 0)) / (r_inner * step)
-                if step
-                else 0.0
-            ),
-            "tokens_per_sampler_step": len(generated) / step if step else 0.0,
-            "hit_max_sampler_steps": step >= cfg.max_sampler_steps,
-        }
-        if trace is not None:
-            stats.extra["trace"] = trace
-        return GenerationResult(prompt, generated, finish, stats, self.decode_text(generated, params))  # type: ignore[arg-type]
+    params_class = DiffusionParams

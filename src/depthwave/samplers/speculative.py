@@ -24,29 +24,21 @@ that follows the first token.
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from depthwave.errors import InvalidParameterError
-from depthwave.model.cache import CACHE_MODES, CacheMode, KVCache
-from depthwave.samplers.base import (
-    GenerationResult,
-    GenerationStats,
-    Sampler,
-    SamplingParams,
-    Stopwatch,
-    TokenSelector,
-    apply_repetition_penalty,
-    emit,
-    filtered_probs,
-    is_int,
-    is_number,
-    require,
-)
+from depthwave.engine.buffers import RandomStates
+from depthwave.engine.policy import Chunk, EngineContext, Policy, Sizing
+from depthwave.engine.request import GenerationStats, Request
+from depthwave.engine.selection import SamplingParams, apply_repetition_penalty, filtered_probs
+from depthwave.errors import InvalidParameterError, is_int, is_number, require
+from depthwave.model.config import HuginnConfig
+from depthwave.model.kv_cache import CACHE_MODES, CacheMode
+from depthwave.samplers.base import Sampler, token_budget
+from depthwave.samplers.quirks import speculative_quirks
 
 
 @dataclass(frozen=True)
@@ -64,6 +56,8 @@ class SpeculativeParams:
     cache_mode: CacheMode = "per-step"
     mode: Literal["default", "reference"] = "default"
 
+    name: ClassVar[str] = "speculative"
+
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             require(ok, name, getattr(self, name), what)
@@ -80,204 +74,314 @@ class SpeculativeParams:
         need(self.cache_mode in CACHE_MODES, "cache_mode", f"one of {CACHE_MODES}")
         need(self.mode in ("default", "reference"), "mode", "'default' or 'reference'")
 
+    def policy_class(self) -> type[Policy]:
+        return SpeculativePolicy
 
-class SpeculativeSampler(Sampler):
-    name = "speculative"
 
-    def __init__(self, model, tokenizer=None, default_stop_ids=(), params: SpeculativeParams | None = None) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(model, tokenizer, default_stop_ids)
-        self.params = params or SpeculativeParams()
+@dataclass
+class SpeculativeStats(GenerationStats):
+    rounds: int = 0
+    drafted_tokens: int = 0
+    accepted_drafts: int = 0
+    acceptance_rate: float = 0.0
+    accepted_drafts_per_round: float = 0.0
+    tokens_per_round: float = 0.0
+    bonus_tokens: int = 0
+    sequential_core_steps: int = 0
 
-    def _distribution(self, logits: Tensor, context: Tensor, params: SamplingParams) -> Tensor:
-        """The distribution a sampled token is drawn from at one position: [V] fp32."""
-        if params.repetition_penalty != 1.0 and context.numel():
-            logits = apply_repetition_penalty(logits[None], context, params.repetition_penalty)[0]
-        return filtered_probs(logits[None], params)[0]
+    sampler: ClassVar[str] = "speculative"
 
-    @torch.inference_mode()
-    def _generate(self, prompt: list[int], params: SamplingParams) -> Generator[int, None, GenerationResult]:
-        model, cfg = self.model, self.params
-        config = model.config
-        reference = cfg.mode == "reference"
-        exact_sampling = not reference and not params.greedy
-        if exact_sampling and cfg.verification_threshold < 1:
+    def details(self) -> str:
+        return f"{self.rounds} rounds, {100 * self.acceptance_rate:.0f}% of drafts accepted"
+
+
+def distribution(logits: Tensor, context: Tensor, sampling: SamplingParams) -> Tensor:
+    """The distribution a sampled token is drawn from at one position: [V] fp32."""
+    if sampling.repetition_penalty != 1.0 and context.numel():
+        logits = apply_repetition_penalty(logits[None], context, sampling.repetition_penalty)[0]
+    return filtered_probs(logits[None], sampling)[0]
+
+
+def choose(logits: Tensor, context: Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    """One token [1] from one logits row [1, V], as the engine's selection would choose it."""
+    if sampling.repetition_penalty != 1.0 and context.numel():
+        logits = apply_repetition_penalty(logits, context, sampling.repetition_penalty)
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(filtered_probs(logits, sampling), 1, generator=generator)[:, 0]
+
+
+class SpeculativePolicy(Policy):
+    """Rounds of `lookahead` one-token draft passes at `draft_steps` recurrences, then one verification pass over
+    the newest token and the drafts at `num_steps`. Invariant between rounds: the cache holds every token but the
+    newest (`length` tokens are known)."""
+
+    def __init__(self, request: Request, ctx: EngineContext) -> None:
+        super().__init__(request, ctx)
+        params: SpeculativeParams = request.sampler  # type: ignore[assignment]
+        model = ctx.model
+        self.params = params
+        self.quirks = speculative_quirks(params.mode)
+        self.num_steps = params.num_steps or model.config.mean_recurrence
+        self.exact = not self.quirks.argmax_acceptance and not request.sampling.greedy
+        self.random = RandomStates(model.config, params.init_scale, request.generator, model.device, model.dtype)
+        sizing = self.size(params, self.prompt_len, request.sampling, model.config)
+        self.capacity = sizing.cache
+        self.phase = "prefill"
+        self.length = self.prompt_len
+        self.drafts = 0  # drafted in the current round
+        self.round_size = 0
+        # Row k stays zero: the "draft distribution" of the bonus position, so that the residual is the target.
+        self.draft_probs = (
+            torch.zeros(params.lookahead + 1, model.config.vocab_size, device=model.device) if self.exact else None
+        )
+        self.rounds = self.drafted = self.accepted = self.bonus = 0
+        self.core_steps = self.num_steps
+        self.returned: int | None = None
+
+    @staticmethod
+    def size(params: SpeculativeParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:
+        quirks = speculative_quirks(params.mode)
+        if not quirks.argmax_acceptance and not sampling.greedy and params.verification_threshold < 1:
             raise InvalidParameterError(
                 "verification_threshold < 1 is a greedy relaxation; with temperature > 0 the default mode samples "
                 "exactly (use mode='reference' for the reference's thresholded argmax rule)"
             )
-        num_steps = cfg.num_steps or config.mean_recurrence
-        lookahead = cfg.lookahead
-        budget = params.max_new_tokens if reference else self.token_budget(prompt, params)
-        stops = self.stop_ids(params)
-        stopping = self.stop_condition(params)
-        generator = self.generator(params)
-        select = TokenSelector(params, generator)
-        device = model.device
-        prompt_len = len(prompt)
-
+        budget = sampling.max_new_tokens if quirks.overshoot_budget else token_budget(prompt_len, sampling, config)
         # A round can append lookahead + 1 tokens past the budget check, and the reference overshoots it.
-        capacity = min(config.block_size, prompt_len + budget + lookahead + 1)
-        cache = KVCache(
-            config, capacity, cfg.cache_mode, max(num_steps, cfg.draft_steps), device=device, dtype=model.dtype
-        )
-        tokens = torch.empty(capacity + 1, dtype=torch.long, device=device)
-        tokens[:prompt_len] = torch.tensor(prompt, device=device)
-        draft_probs = torch.empty(lookahead, config.vocab_size, device=device) if exact_sampling else None
-        stats = GenerationStats(
-            prompt_tokens=prompt_len,
-            cache_bytes=cache.allocated_bytes,
-            cache_bytes_per_position=cache.bytes_per_position,
-        )
-        watch = Stopwatch(device)
+        capacity = min(config.block_size, prompt_len + budget + params.lookahead + 1)
+        steps = max(params.num_steps or config.mean_recurrence, params.draft_steps)
+        return Sizing(budget, capacity, capacity + 1, steps)
 
-        prompt_ids = tokens[None, :prompt_len]
-        out = model(prompt_ids, num_steps, cfg.init_scale, cache=cache, last_only=True, generator=generator)
-        tokens[prompt_len] = select(out.logits[:, -1], tokens[:prompt_len])[0]
-        length = prompt_len + 1
-        emitted = [int(tokens[prompt_len])]
-        stats.prefill_time_s = watch.lap()
-        yield emitted[0]
-        finish = "stop" if not reference and stopping(emitted) else "length"
-        drafted = accepted = rounds = bonus = 0
-        core_steps = num_steps
-        while finish == "length" and (length - prompt_len if reference else len(emitted)) < budget:
-            # Invariant: the cache holds positions < length - 1; the newest token is not cached yet.
-            room = capacity - length  # positions the verification pass may still write
-            k = lookahead if reference else min(lookahead, budget - len(emitted), room)
-            if k < 1 or length - 1 + k > capacity:
-                break
-            for i in range(k):
-                position = length - 1 + i
-                out = model(
-                    tokens[None, position : position + 1],
-                    cfg.draft_steps,
-                    cfg.init_scale,
-                    cache=cache,
-                    start=position,
-                    generator=generator,
-                )
-                logits = out.logits[0, -1]
-                if draft_probs is not None:
-                    draft_probs[i] = self._distribution(logits, tokens[: position + 1], params)
-                    tokens[position + 1] = torch.multinomial(draft_probs[i], 1, generator=generator)[0]
-                else:
-                    tokens[position + 1] = select(logits[None], tokens[: position + 1])[0]
-            core_steps += k * cfg.draft_steps
-            cache.truncate(length - 1)
+    @property
+    def tokens(self) -> Tensor:
+        return self.ctx.buffers.tokens[self.row]
 
-            # Verify: feed the newest accepted token and the drafts (the reference leaves out the last draft, so it
-            # gets no bonus row). Row j predicts position length + j.
-            fed = k if reference else k + 1
-            out = model(
-                tokens[None, length - 1 : length - 1 + fed],
-                num_steps,
-                cfg.init_scale,
-                cache=cache,
-                start=length - 1,
-                generator=generator,
+    def start(self) -> None:
+        pass
+
+    def chunk(self) -> Chunk:
+        if self.phase == "prefill":
+            n = self.prompt_len
+            return Chunk(0, n, self.num_steps, n - 1, init=self.random.take(n), context=n)
+        if self.phase == "draft":
+            position = self.length - 1 + self.drafts
+            return Chunk(
+                position,
+                1,
+                self.params.draft_steps,
+                0,
+                init=self.random.take(1),
+                select=not self.exact,
+                context=position + 1,
             )
-            verify = out.logits[0]
-            core_steps += num_steps
-            drafts = tokens[length : length + k]
-            if exact_sampling:
-                assert draft_probs is not None
-                n_ok, correction = self._accept_sampled(verify, drafts, draft_probs, tokens, length, params, generator)
-            else:
-                n_ok = self._accept_greedy(verify[:k], drafts, tokens, length, params, reference)
-                if n_ok < k or not reference:
-                    # The verifier's own choice at the first disagreement (or the bonus after all k drafts); the
-                    # reference penalises repetitions against the sequence before the drafts.
-                    context = tokens[:length] if reference else tokens[: length + n_ok]
-                    correction = select(verify[n_ok][None], context)[0]
-                else:
-                    correction = None
-            rounds += 1
-            drafted += k
-            accepted += n_ok
-            new = n_ok + (correction is not None)
-            if correction is not None:
-                tokens[length + n_ok] = correction
-                bonus += n_ok == k
-            # Keep the K/V of every position whose input token stays, which is all but the new newest token.
-            cache.truncate(length + new - 1)
-            fresh = tokens[length : length + new].tolist()
-            length += new
-            if reference:
-                emitted.extend(fresh)
-                yield from fresh
-                if any(t in stops for t in fresh):
-                    break
-            elif (yield from emit(fresh, emitted, budget, stopping)):
-                finish = "stop"
-        stats.decode_time_s = watch.lap()
-        if reference:
-            # Cut after the first stop token that follows the first generated token.
-            cut = next((i + 1 for i, t in enumerate(emitted) if i >= 1 and t in stops), len(emitted))
-            emitted = emitted[:cut]
-            finish = "stop" if any(t in stops for t in emitted[1:]) else "length"
-        stats.generated_tokens = len(emitted)
-        stats.core_steps = core_steps
-        stats.extra = {
-            "rounds": rounds,
-            "drafted_tokens": drafted,
-            "accepted_drafts": accepted,
-            "acceptance_rate": accepted / drafted if drafted else 0.0,
-            "accepted_drafts_per_round": accepted / rounds if rounds else 0.0,
-            "tokens_per_round": (len(emitted) - 1) / rounds if rounds else 0.0,
-            "bonus_tokens": bonus,
-            "sequential_core_steps": core_steps,
-        }
-        return GenerationResult(prompt, emitted, finish, stats, self.decode_text(emitted, params))
+        # Verify: the newest accepted token and the drafts (the reference leaves out the last draft, so it gets no
+        # bonus row). Row j predicts position length + j.
+        fed = self.round_size if self.quirks.no_bonus_token else self.round_size + 1
+        return Chunk(self.length - 1, fed, self.num_steps, 0, init=self.random.take(fed), select=False)
 
-    def _accept_greedy(
-        self, verify: Tensor, drafts: Tensor, tokens: Tensor, length: int, params: SamplingParams, reference: bool
-    ) -> int:
-        """Number of leading drafts the verifier agrees with (rows j of `verify` judge drafts[j])."""
+    @classmethod
+    def prepare(cls, members: list[tuple[Policy, int]], result) -> list[Tensor]:  # type: ignore[no-untyped-def]
+        fetched: list[Tensor] = []
+        for policy, index in members:
+            fetched.extend(policy._device_work(index, result))  # type: ignore[attr-defined]
+        return fetched
+
+    @classmethod
+    def decide(cls, members: list[tuple[Policy, int]], fetched: list[list[float]], result) -> None:  # type: ignore[no-untyped-def]
+        values = iter(fetched)
+        for policy, _ in members:
+            policy._host_work(values)  # type: ignore[attr-defined]
+
+    # ---- after each pass ----------------------------------------------------------------------------------
+    def _device_work(self, index: int, result) -> list[Tensor]:  # type: ignore[no-untyped-def]
+        tokens = self.tokens
+        if self.phase == "prefill":
+            tokens[self.prompt_len] = result.tokens_of(index)[0]
+            return [result.tokens_of(index)]
+        if self.phase == "draft":
+            position = self.length - 1 + self.drafts
+            if self.exact:
+                assert self.draft_probs is not None
+                self.draft_probs[self.drafts] = distribution(
+                    result.logits_of(index)[0], tokens[: position + 1], self.request.sampling
+                )
+                draw = torch.multinomial(self.draft_probs[self.drafts], 1, generator=self.request.generator)
+                tokens[position + 1] = draw[0]
+            else:
+                tokens[position + 1] = result.tokens_of(index)[0]
+            return []
+        verify = result.logits_of(index)
+        k = self.round_size
+        if self.exact:
+            accepted, correction = self._accept_sampled(verify, k)
+        else:
+            accepted = self._accept_greedy(verify[:k], k)
+            correction = self._correction(verify, accepted, k)
+        if self.quirks.no_bonus_token:
+            # A fully accepted round has no correction (and its place may lie past the buffer): rewrite the last
+            # draft with itself instead.
+            place = self.length + accepted.clamp_max(k - 1)
+            tokens[place] = torch.where(accepted < k, correction, tokens[place])
+        else:
+            tokens[self.length + accepted] = correction
+        return [torch.stack((accepted, correction)), tokens[self.length : self.length + k]]
+
+    def _host_work(self, values) -> None:  # type: ignore[no-untyped-def]
+        output = self.request.output
+        assert output is not None
+        if self.phase == "prefill":
+            first = int(next(values)[0])
+            if self.quirks.cut_after_later_stop:
+                output.extend_unchecked([first])
+            elif output.emit([first]):
+                self.finish("stop")
+                return
+            self.length = self.prompt_len + 1
+            self._next_round()
+            return
+        if self.phase == "draft":
+            self.drafts += 1
+            if self.drafts == self.round_size:
+                self.core_steps += self.round_size * self.params.draft_steps
+                self.ctx.pool.rollback(self.row, self.length - 1)
+                self.phase = "verify"
+            return
+        accepted, correction = (int(v) for v in next(values))
+        drafts = [int(v) for v in next(values)]
+        k = self.round_size
+        self.core_steps += self.num_steps
+        self.rounds += 1
+        self.drafted += k
+        self.accepted += accepted
+        fresh = drafts[:accepted]
+        if accepted < k or not self.quirks.no_bonus_token:
+            fresh.append(correction)
+            self.bonus += accepted == k
+        # Keep the K/V of every position whose input token stays, which is all but the new newest token.
+        self.ctx.pool.rollback(self.row, self.length + len(fresh) - 1)
+        self.length += len(fresh)
+        if self.quirks.cut_after_later_stop:
+            output.extend_unchecked(fresh)
+            if any(t in output.stop.ids for t in fresh):
+                self.finish("stop")
+                return
+        elif output.emit(fresh):
+            self.finish("stop")
+            return
+        self._next_round()
+
+    def _next_round(self) -> None:
+        """Start drafting, or finish when the budget (or the room) is used up."""
+        output = self.request.output
+        assert output is not None
+        produced = self.length - self.prompt_len if self.quirks.overshoot_budget else len(output.tokens)
+        if produced >= self.request.budget:
+            self.finish("length")
+            return
+        room = self.capacity - self.length  # positions the verification pass may still write
+        k = self.params.lookahead
+        if not self.quirks.overshoot_budget:
+            k = min(k, self.request.budget - len(output.tokens), room)
+        if k < 1 or self.length - 1 + k > self.capacity:
+            self.finish("length")
+            return
+        self.round_size, self.drafts, self.phase = k, 0, "draft"
+
+    # ---- acceptance ---------------------------------------------------------------------------------------
+    def _accept_greedy(self, verify: Tensor, k: int) -> Tensor:
+        """Number of leading drafts the verifier agrees with (rows j of `verify` judge draft j)."""
+        drafts = self.tokens[self.length : self.length + k]
         threshold = self.params.verification_threshold
+        sampling = self.request.sampling
         if threshold >= 1:
-            if reference:
+            if self.quirks.argmax_acceptance or sampling.repetition_penalty == 1.0:
                 choices = verify.argmax(dim=-1)
             else:
                 # Greedy choice with the repetition penalty of each row's own context (prefix + earlier drafts).
-                choices = torch.stack(
+                choices = torch.cat(
                     [
-                        apply_repetition_penalty(verify[j][None], tokens[: length + j], params.repetition_penalty)[0]
-                        if params.repetition_penalty != 1.0
-                        else verify[j]
-                        for j in range(drafts.shape[0])
+                        apply_repetition_penalty(
+                            verify[j : j + 1], self.tokens[: self.length + j], sampling.repetition_penalty
+                        )
+                        for j in range(k)
                     ]
                 ).argmax(dim=-1)
             agree = choices == drafts
         else:
             probs = verify.softmax(dim=-1)
             agree = probs.gather(-1, drafts[:, None])[:, 0] >= threshold * probs.amax(dim=-1)
-        # Leading run of agreements: one sync for the whole round.
-        return int(agree.long().cumprod(dim=0).sum())
+        return agree.long().cumprod(dim=0).sum()
 
-    def _accept_sampled(
-        self,
-        verify: Tensor,
-        drafts: Tensor,
-        draft_probs: Tensor,
-        tokens: Tensor,
-        length: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-    ) -> tuple[int, Tensor]:
-        """Speculative sampling: returns (accepted drafts, the token drawn after them)."""
-        k = drafts.shape[0]
+    def _correction(self, verify: Tensor, accepted: Tensor, k: int) -> Tensor:
+        """The verifier's own token at the first disagreement (or the bonus after all k drafts)."""
+        sampling = self.request.sampling
+        row = verify.index_select(0, accepted.clamp_max(len(verify) - 1).view(1))
+        if sampling.repetition_penalty == 1.0:
+            context = self.tokens[:0]
+        elif self.quirks.penalty_context_before_drafts:
+            context = self.tokens[: self.length]
+        else:
+            # The context ends after the accepted drafts, a device-side count: penalise every candidate row.
+            rows = torch.cat(
+                [
+                    apply_repetition_penalty(
+                        verify[j : j + 1], self.tokens[: self.length + j], sampling.repetition_penalty
+                    )
+                    for j in range(len(verify))
+                ]
+            )
+            row = rows.index_select(0, accepted.clamp_max(len(verify) - 1).view(1))
+            context = self.tokens[:0]
+        return choose(row, context, sampling, self.request.generator)[0]
+
+    def _accept_sampled(self, verify: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Speculative sampling: (accepted drafts, the token drawn after them), without a host round trip."""
+        assert self.draft_probs is not None
+        sampling, generator = self.request.sampling, self.request.generator
+        drafts = self.tokens[self.length : self.length + k]
         target = torch.stack(
-            [self._distribution(verify[j], tokens[: length + j], params) for j in range(k + 1)]
+            [distribution(verify[j], self.tokens[: self.length + j], sampling) for j in range(k + 1)]
         )  # row k: the bonus distribution
         uniforms = torch.rand(k, generator=generator, device=verify.device)
         rows = torch.arange(k, device=verify.device)
-        ratio = target[rows, drafts] / draft_probs[:k][rows, drafts].clamp_min(1e-30)
-        n_ok = int((uniforms < ratio).long().cumprod(dim=0).sum())
-        if n_ok < k:
-            residual = (target[n_ok] - draft_probs[n_ok]).clamp_min(0)
-            total = residual.sum()
-            # q == p exactly leaves nothing to redistribute, and then a rejection cannot happen: guard anyway.
-            distribution = residual / total if float(total) > 0 else target[n_ok]
-        else:
-            distribution = target[k]
-        return n_ok, torch.multinomial(distribution, 1, generator=generator)[0]
+        ratio = target[rows, drafts] / self.draft_probs[:k][rows, drafts].clamp_min(1e-30)
+        accepted = (uniforms < ratio).long().cumprod(dim=0).sum()
+        wanted = target.index_select(0, accepted.view(1))[0]
+        residual = (wanted - self.draft_probs.index_select(0, accepted.view(1))[0]).clamp_min(0)
+        total = residual.sum()
+        # q == p exactly leaves nothing to redistribute, and then a rejection cannot happen: guard anyway.
+        rejected = torch.where(total > 0, residual / total, wanted)
+        final = torch.where(accepted < k, rejected, target[k])
+        return accepted, torch.multinomial(final, 1, generator=generator)[0]
+
+    # ---- results ------------------------------------------------------------------------------------------
+    def final_tokens(self, emitted: list[int]) -> list[int]:
+        if not self.quirks.cut_after_later_stop:
+            return emitted
+        # Cut after the first stop token that follows the first generated token.
+        stops = self.request.output.stop.ids  # type: ignore[union-attr]
+        cut = next((i + 1 for i, t in enumerate(emitted) if i >= 1 and t in stops), len(emitted))
+        self.request.finish_reason = "stop" if any(t in stops for t in emitted[1:cut]) else "length"
+        self.returned = cut
+        return emitted[:cut]
+
+    def finalize_stats(self) -> SpeculativeStats:
+        emitted = self.returned if self.returned is not None else len(self.request.output.tokens)  # type: ignore[union-attr]
+        rounds = self.rounds
+        return SpeculativeStats(
+            core_steps=self.core_steps,
+            rounds=rounds,
+            drafted_tokens=self.drafted,
+            accepted_drafts=self.accepted,
+            acceptance_rate=self.accepted / self.drafted if self.drafted else 0.0,
+            accepted_drafts_per_round=self.accepted / rounds if rounds else 0.0,
+            tokens_per_round=(emitted - 1) / rounds if rounds else 0.0,
+            bonus_tokens=self.bonus,
+            sequential_core_steps=self.core_steps,
+        )
+
+
+class SpeculativeSampler(Sampler):
+    name = "speculative"
+    params_class = SpeculativeParams

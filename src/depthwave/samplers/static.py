@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-import torch
+from torch import Tensor
 
-from depthwave.errors import InvalidParameterError
-from depthwave.model.cache import CACHE_MODES, CacheMode, KVCache
-from depthwave.samplers.base import (
-    GenerationResult,
-    GenerationStats,
-    Sampler,
-    SamplingParams,
-    Stopwatch,
-    TokenSelector,
-    emit,
-)
+from depthwave.engine.buffers import RandomStates
+from depthwave.engine.policy import Chunk, EngineContext, Policy, Sizing
+from depthwave.engine.request import GenerationStats, Request
+from depthwave.engine.selection import SamplingParams
+from depthwave.errors import is_int, is_number, require
+from depthwave.model.config import HuginnConfig
+from depthwave.model.kv_cache import CACHE_MODES, CacheMode
+from depthwave.samplers.base import Sampler, cat, scatter_tokens, token_budget
 
 
 @dataclass(frozen=True)
@@ -26,7 +22,7 @@ class StaticParams:
     """num_steps: recurrences per token (None = the model's mean_recurrence). init_scale: scale of the random
     initial state (0 = zeros, deterministic). continuous_compute: start each token's recurrence from the previous
     token's final latent instead of a fresh initial state; `warm_start` picks which latent: "normed" (ln_f of it,
-    what the reference's generate_minimal passes) or "raw". cache_mode: see `depthwave.model.cache`;
+    what the reference's generate_minimal passes) or "raw". cache_mode: see `depthwave.model.kv_cache`;
     "per-step" reproduces the reference's default cache exactly, "shared" uses (P+R+C) slots per position."""
 
     num_steps: int | None = None
@@ -35,74 +31,88 @@ class StaticParams:
     warm_start: Literal["normed", "raw"] = "normed"
     cache_mode: CacheMode = "per-step"
 
+    name: ClassVar[str] = "static"
+
     def __post_init__(self) -> None:
-        if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
-            raise InvalidParameterError(f"num_steps must be None or an integer >= 1, got {self.num_steps!r}")
-        if not isinstance(self.init_scale, (int, float)) or not self.init_scale >= 0:
-            raise InvalidParameterError(f"init_scale must be >= 0, got {self.init_scale!r}")
-        if self.warm_start not in ("normed", "raw"):
-            raise InvalidParameterError(f"warm_start must be 'normed' or 'raw', got {self.warm_start!r}")
-        if self.cache_mode not in CACHE_MODES:
-            raise InvalidParameterError(f"cache_mode must be one of {CACHE_MODES}, got {self.cache_mode!r}")
+        def need(ok: bool, name: str, what: str) -> None:
+            require(ok, name, getattr(self, name), what)
+
+        need(
+            self.num_steps is None or (is_int(self.num_steps) and self.num_steps >= 1),
+            "num_steps",
+            "None or an integer >= 1",
+        )
+        need(is_number(self.init_scale) and self.init_scale >= 0, "init_scale", ">= 0")
+        need(isinstance(self.continuous_compute, bool), "continuous_compute", "true or false")
+        need(self.warm_start in ("normed", "raw"), "warm_start", "'normed' or 'raw'")
+        need(self.cache_mode in CACHE_MODES, "cache_mode", f"one of {CACHE_MODES}")
+
+    def policy_class(self) -> type[Policy]:
+        return StaticPolicy
+
+
+@dataclass
+class StaticStats(GenerationStats):
+    num_steps: int = 0
+
+    sampler: ClassVar[str] = "static"
+
+
+class StaticPolicy(Policy):
+    """One token per pass: the prompt (prefill) or the newest token, `num_steps` recurrences, the last logits."""
+
+    def __init__(self, request: Request, ctx: EngineContext) -> None:
+        super().__init__(request, ctx)
+        params: StaticParams = request.sampler  # type: ignore[assignment]
+        model = ctx.model
+        self.params = params
+        self.num_steps = params.num_steps or model.config.mean_recurrence
+        self.random = RandomStates(model.config, params.init_scale, request.generator, model.device, model.dtype)
+        self.position = 0
+        self.warm: Tensor | None = None
+
+    @staticmethod
+    def size(params: StaticParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:
+        budget = token_budget(prompt_len, sampling, config)
+        # Every generated token but the last is fed back, so the cache never needs more than this.
+        cache = prompt_len + budget - 1 if budget > 1 else prompt_len
+        return Sizing(budget, cache, prompt_len + budget, params.num_steps or config.mean_recurrence)
+
+    def start(self) -> None:
+        pass
+
+    def chunk(self) -> Chunk:
+        size = self.prompt_len if self.position == 0 else 1
+        init = self.warm if self.warm is not None else self.random.take(size)
+        end = self.position + size
+        return Chunk(self.position, size, self.num_steps, size - 1, init=init, context=end)
+
+    @classmethod
+    def prepare(cls, members: list[tuple[Policy, int]], result) -> list[Tensor]:  # type: ignore[no-untyped-def]
+        tokens = [result.tokens_of(index) for _, index in members]
+        rows = [policy.row for policy, _ in members]
+        ends = [result.chunks[index].start + result.chunks[index].size for _, index in members]
+        scatter_tokens(members[0][0].ctx.buffers.tokens, rows, ends, cat(tokens))
+        return tokens
+
+    def update(self, tokens: list[int], result, index: int) -> None:  # type: ignore[no-untyped-def]
+        chunk = result.chunks[index]
+        output = self.request.output
+        assert output is not None
+        if output.emit(tokens):
+            self.finish("stop")
+        elif output.full:
+            self.finish("length")
+        if self.params.continuous_compute:
+            latents = result.latents if self.params.warm_start == "normed" else result.wave_out
+            self.warm = latents[index, chunk.size - 1 : chunk.size]
+        self.position = chunk.start + chunk.size
+
+    def finalize_stats(self) -> StaticStats:
+        generated = len(self.request.output.tokens) if self.request.output else 0
+        return StaticStats(core_steps=self.num_steps * generated, num_steps=self.num_steps)
 
 
 class StaticSampler(Sampler):
     name = "static"
-
-    def __init__(self, model, tokenizer=None, default_stop_ids=(), params: StaticParams | None = None) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(model, tokenizer, default_stop_ids)
-        self.params = params or StaticParams()
-
-    @torch.inference_mode()
-    def _generate(self, prompt: list[int], params: SamplingParams) -> Generator[int, None, GenerationResult]:
-        model, cfg = self.model, self.params
-        num_steps = cfg.num_steps or model.config.mean_recurrence
-        budget = self.token_budget(prompt, params)
-        stopping = self.stop_condition(params)
-        generator = self.generator(params)
-        select = TokenSelector(params, generator)
-        device = model.device
-
-        # Every generated token but the last is fed back, so the cache never needs more than this.
-        cache = KVCache(
-            model.config,
-            len(prompt) + budget - 1 if budget > 1 else len(prompt),
-            cfg.cache_mode,
-            num_steps,
-            device=device,
-            dtype=model.dtype,
-        )
-        tokens = torch.empty(len(prompt) + budget, dtype=torch.long, device=device)
-        tokens[: len(prompt)] = torch.tensor(prompt, device=device)
-        generated: list[int] = []
-        stats = GenerationStats(
-            prompt_tokens=len(prompt),
-            cache_bytes=cache.allocated_bytes,
-            cache_bytes_per_position=cache.bytes_per_position,
-        )
-        watch = Stopwatch(device)
-
-        position, warm = 0, None
-        chunk = tokens[None, : len(prompt)]
-        if cfg.continuous_compute:
-            warm = model.initial_state(model.prelude(chunk), cfg.init_scale, generator)
-        finish = "length"
-        while True:
-            out = model(chunk, num_steps, cfg.init_scale, warm, cache, position, last_only=True, generator=generator)
-            end = position + chunk.shape[1]
-            tokens[end] = select(out.logits[:, -1], tokens[:end])[0]
-            token = int(tokens[end])
-            if not generated:
-                stats.prefill_time_s = watch.lap()
-            if (yield from emit([token], generated, budget, stopping)):
-                finish = "stop"
-                break
-            if len(generated) == budget:
-                break
-            if cfg.continuous_compute:
-                warm = (out.latents if cfg.warm_start == "normed" else out.state)[:, -1:]
-            position, chunk = end, tokens[None, end : end + 1]
-        stats.decode_time_s = watch.lap()
-        stats.core_steps = num_steps * len(generated)
-        stats.generated_tokens = len(generated)
-        return GenerationResult(prompt, generated, finish, stats, self.decode_text(generated, params))
+    params_class = StaticParams

@@ -1,4 +1,4 @@
-"""A preallocated KV cache built for recurrence.
+"""A preallocated KV pool built for recurrence and for many sequences at once.
 
 The core block runs r times per token, so "one slot per layer" is a choice, not a given. Two semantics:
 
@@ -10,9 +10,11 @@ The core block runs r times per token, so "one slot per layer" is a choice, not 
   one: the paper's KV sharing (the reference's ``latest-m4-compress-s4`` on the released 2/4/2 layout, but mapped
   by layer, so it is right for any layout). Slots: P + R + C per position, independent of r.
 
-Storage is one tensor per K and V, [slots, batch, heads, max_length, head_dim], allocated once. Writing copies
-into it; reading returns views. `length` is the number of positions whose entries are final; rolling back is
-moving it, and the entries beyond it are simply overwritten later.
+Storage is one tensor per K and V, [slots, rows, heads, max_length, head_dim], allocated once per engine; a row
+holds one sequence. A call writes the K/V of its (row, position) pairs by index (as gpt-fast's static cache does)
+and reads each row's positions 0..T-1 as a view. `lengths[row]` counts the positions whose entries are final;
+rolling a row back is lowering it (diffusion and speculative decoding roll rows back by different amounts), and
+the entries beyond it are simply overwritten later. Nothing moves or reallocates per step.
 """
 
 from __future__ import annotations
@@ -24,19 +26,20 @@ from torch import Tensor
 
 from depthwave.errors import InvalidParameterError
 from depthwave.model.config import HuginnConfig
+from depthwave.model.positions import Positions
 
 CacheMode = Literal["per-step", "shared"]
 CACHE_MODES: tuple[str, ...] = ("per-step", "shared")
 
 
-class KVCache:
+class KVPool:
     def __init__(
         self,
         config: HuginnConfig,
         max_length: int,
         mode: CacheMode = "shared",
         max_steps: int | None = None,
-        batch_size: int = 1,
+        rows: int = 1,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -48,21 +51,24 @@ class KVCache:
             )
         if mode == "per-step" and (max_steps is None or max_steps < 1):
             raise InvalidParameterError(f"a per-step cache needs max_steps >= 1, got {max_steps}")
+        if rows < 1:
+            raise InvalidParameterError(f"a cache needs at least one row, got {rows}")
         self.mode = mode
         self.max_steps = max_steps if mode == "per-step" else None
         self.max_length = max_length
+        self.rows = rows
         self.prelude_layers = config.n_layers_in_prelude
         self.core_layers = config.n_layers_in_recurrent_block
         core_slots = self.core_layers * (max_steps if mode == "per-step" else 1)  # type: ignore[operator]
         self._coda_base = self.prelude_layers + core_slots
         self.num_slots = self._coda_base + config.n_layers_in_coda
-        shape = (self.num_slots, batch_size, config.n_heads, max_length, config.head_dim)
+        shape = (self.num_slots, rows, config.n_heads, max_length, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         # Per-slot views, so a write indexes once instead of twice.
         self._key_slots = self.keys.unbind(0)
         self._value_slots = self.values.unbind(0)
-        self.length = 0
+        self.lengths = [0] * rows
 
     # ---- slot arithmetic ------------------------------------------------------------------------------------
     def prelude_slot(self, layer: int) -> int:
@@ -81,26 +87,49 @@ class KVCache:
         return self._coda_base + layer
 
     # ---- data -----------------------------------------------------------------------------------------------
-    def write(self, slot: int, start: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Store K/V [B, H, S, h] for positions start..start+S-1 and return the slot's K/V for 0..start+S-1."""
-        end = start + key.shape[2]
-        if end > self.max_length:
-            raise InvalidParameterError(f"position {end - 1} is beyond the cache's max_length={self.max_length}")
+    def write(self, slot: int, at: Positions, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Store K/V [B, S, H, h] of the call's real queries; return each row's K/V [B, H, T, h] for 0..T-1."""
+        if at.length > self.max_length:
+            raise InvalidParameterError(f"position {at.length - 1} is beyond the cache's max_length={self.max_length}")
         keys, values = self._key_slots[slot], self._value_slots[slot]
-        keys[:, :, start:end].copy_(key)
-        values[:, :, start:end].copy_(value)
-        return keys[:, :, :end], values[:, :, :end]
+        single = at.single
+        if single is not None:
+            row, start, end = single
+            keys[row, :, start:end].copy_(key[0].transpose(0, 1))
+            values[row, :, start:end].copy_(value[0].transpose(0, 1))
+            return keys[row : row + 1, :, :end], values[row : row + 1, :, :end]
+        if at.write_from is None:
+            key, value = key.flatten(0, 1), value.flatten(0, 1)
+        else:
+            key, value = key.flatten(0, 1)[at.write_from], value.flatten(0, 1)[at.write_from]
+        # Advanced indices around a slice: the indexed result is [N, H, h], matching key and value.
+        keys[at.write_rows, :, at.write_pos] = key
+        values[at.write_rows, :, at.write_pos] = value
+        return keys[at.rows, :, : at.length], values[at.rows, :, : at.length]
 
-    def truncate(self, length: int) -> None:
-        """Roll back to the first `length` positions (the samplers' cache rollback)."""
-        if not 0 <= length <= self.length:
-            raise InvalidParameterError(f"cannot truncate a cache of length {self.length} to {length}")
-        self.length = length
+    def set_length(self, row: int, length: int) -> None:
+        """The row's first `length` positions are final (after a call wrote up to there, or a rollback)."""
+        if not 0 <= length <= self.max_length:
+            raise InvalidParameterError(f"a cache row holds 0..{self.max_length} positions, not {length}")
+        self.lengths[row] = length
+
+    def rollback(self, row: int, length: int) -> None:
+        """Roll one row back to its first `length` positions (a sampler's rejected positions)."""
+        if not 0 <= length <= self.lengths[row]:
+            raise InvalidParameterError(f"cannot roll back a cache row of length {self.lengths[row]} to {length}")
+        self.lengths[row] = length
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy a row's final entries into another row (the engine keeps its live rows contiguous)."""
+        length = self.lengths[source]
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+        self.lengths[target] = length
 
     # ---- memory ---------------------------------------------------------------------------------------------
     @property
     def bytes_per_position(self) -> int:
-        """K and V bytes that one sequence position occupies across all slots (per batch row)."""
+        """K and V bytes that one sequence position occupies across all slots (per row)."""
         return 2 * self.num_slots * self.keys.shape[2] * self.keys.shape[4] * self.keys.element_size()
 
     @property

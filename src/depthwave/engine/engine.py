@@ -1,0 +1,550 @@
+"""The engine: many requests, one model call per stage per pass, requests joining and leaving between steps.
+
+Each `step()`:
+
+1. admits waiting requests into free rows (first come, first served, within the KV budget) and runs their first
+   chunk (their prefill, whatever the sampler) in a pass of their own, so that a long prompt never pads the rows
+   that are decoding;
+2. runs one pass over every request that was already running: each advances by one sampler step (a static token,
+   an adaptive token, a diffusion step, a speculative draft or verification);
+3. lets finished requests leave; their rows are free for the next step.
+
+A pass builds the rows' positions once (RoPE rows, one attention mask, the cache writes), gathers each row's input
+tokens and initial states from the row buffers, and runs the prelude, the recurrences, the coda and the head once
+for all rows together. Rows run different numbers of recurrences (a diffusion step of r' = 4 beside a static
+token of r = 32, an adaptive token that exits): a row that has run its recurrences drops out of the later ones
+instead of being computed and discarded. Tokens are chosen per request (its own parameters and generator), then
+each sampler decides what became final, with one host synchronisation per pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from depthwave.engine.buffers import RowBuffers
+from depthwave.engine.output import Output, StopCondition, cut_at_stop_strings
+from depthwave.engine.policy import Chunk, EngineContext, ExitGroup, Policy, SamplerParams
+from depthwave.engine.request import GenerationResult, Request, StepOutput
+from depthwave.engine.scheduler import Scheduler
+from depthwave.engine.selection import Choice, SamplingParams, select_tokens
+from depthwave.errors import InvalidParameterError, PromptError, is_int, require
+from depthwave.model.config import HuginnConfig
+from depthwave.model.kv_cache import CACHE_MODES, CacheMode, KVPool
+from depthwave.model.model import RecurrentDepthModel
+from depthwave.model.positions import Positions
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """max_num_seqs: rows (requests running at once). max_model_len: cached positions per row (default: the model's
+    context). max_cached_positions: KV budget over all running requests, each reserving what it may use at most
+    (default: rows × max_model_len). cache_mode: "shared" (P + R + C slots per position) or "per-step"
+    (P + R·max_steps + C, the reference's lookup). max_steps: recurrence slots of a per-step cache (default: the
+    model's mean_recurrence). buffer_slack: token/state positions per row beyond max_model_len (the diffusion
+    sampler proposes `headway` tokens past its cache)."""
+
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    max_cached_positions: int | None = None
+    cache_mode: CacheMode = "shared"
+    max_steps: int | None = None
+    buffer_slack: int = 64
+
+    def __post_init__(self) -> None:
+        def positive(name: str, allow_none: bool = True) -> None:
+            value = getattr(self, name)
+            ok = (allow_none and value is None) or (is_int(value) and value >= 1)
+            require(ok, name, value, "an integer >= 1" + (" or None" if allow_none else ""))
+
+        positive("max_num_seqs", allow_none=False)
+        positive("max_model_len")
+        positive("max_cached_positions")
+        positive("max_steps")
+        require(is_int(self.buffer_slack) and self.buffer_slack >= 0, "buffer_slack", self.buffer_slack, ">= 0")
+        require(self.cache_mode in CACHE_MODES, "cache_mode", self.cache_mode, f"one of {CACHE_MODES}")
+
+
+@dataclass
+class EngineStats:
+    """Totals since the engine started: passes and their wall time, tokens."""
+
+    steps: int = 0
+    prefill_passes: int = 0
+    decode_passes: int = 0
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished_requests: int = 0
+    max_running: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Generated tokens per second of decode passes (each request's first token comes from its prefill)."""
+        decoded = self.generated_tokens - self.finished_requests
+        return decoded / self.decode_time_s if self.decode_time_s > 0 else 0.0
+
+
+@dataclass
+class PassResult:
+    """The outputs of one pass, for the samplers to read."""
+
+    requests: list[Request]
+    at: Positions
+    chunks: list[Chunk]
+    wave_in: Tensor
+    """[B, S, D] the chunks' initial states (before noise)."""
+    wave_out: Tensor
+    """[B, S, D] their states after the pass's recurrences."""
+    latents: Tensor
+    """[B, S, D] ln_f of wave_out."""
+    logits: Tensor | None
+    """[N, V] fp32, the chunks' logits rows one after another."""
+    logit_rows: list[slice]
+    tokens: Tensor | None
+    """[N] the tokens the engine chose (rows whose chunk asked for selection)."""
+    steps: list[int]
+    """Recurrences each row ran."""
+    prefill: bool
+
+    def tokens_of(self, index: int) -> Tensor:
+        assert self.tokens is not None
+        return self.tokens[self.logit_rows[index]]
+
+    def logits_of(self, index: int) -> Tensor:
+        assert self.logits is not None
+        return self.logits[self.logit_rows[index]]
+
+
+def fetch(tensors: list[Tensor]) -> list[list[float]]:
+    """The values of several device tensors in one transfer (the pass's one host synchronisation)."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()
+    out, first = [], 0
+    for t in tensors:
+        out.append(flat[first : first + t.numel()])
+        first += t.numel()
+    return out
+
+
+def check_prompt(prompt_ids: Sequence[int], config: HuginnConfig) -> list[int]:
+    """The prompt as a list of ints, or a PromptError naming what is wrong with it."""
+    if isinstance(prompt_ids, (str, bytes)):
+        raise PromptError("the prompt must be token ids here; encode text with the tokenizer first")
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise PromptError("the prompt is empty; give at least one token")
+    bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+    if bad:
+        raise PromptError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {config.vocab_size})")
+    if len(prompt) >= config.block_size:
+        raise PromptError(
+            f"the prompt has {len(prompt)} tokens but the model's context holds {config.block_size} "
+            "positions (block_size), leaving no room to generate"
+        )
+    return prompt
+
+
+class Engine:
+    def __init__(
+        self,
+        model: RecurrentDepthModel,
+        tokenizer: object | None = None,
+        stop_token_ids: Sequence[int] = (),
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        mc = model.config
+        self.max_model_len = min(config.max_model_len or mc.block_size, mc.block_size)
+        steps = config.max_steps or mc.mean_recurrence
+        self.pool = KVPool(
+            mc, self.max_model_len, config.cache_mode, steps, config.max_num_seqs, model.device, model.dtype
+        )
+        buffer_len = self.max_model_len + config.buffer_slack
+        self.buffers = RowBuffers(mc, config.max_num_seqs, buffer_len, model.device, model.dtype)
+        self.ctx = EngineContext(model, self.pool, self.buffers, tokenizer, tuple(stop_token_ids))
+        budget = config.max_cached_positions or config.max_num_seqs * self.max_model_len
+        self.scheduler = Scheduler(config.max_num_seqs, self.max_model_len, buffer_len, budget)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        self._aborted: list[StepOutput] = []
+
+    # ---- requests -----------------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingParams | None = None,
+        sampler: SamplerParams | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Queue a request; it joins the batch at the next step that has room. The sampler defaults to the
+        diffusion forcing sampler with the paper's settings."""
+        if sampler is None:
+            from depthwave.samplers.diffusion import DiffusionParams
+
+            sampler = DiffusionParams()
+        request = Request(list(prompt_token_ids), sampling or SamplingParams(), sampler, request_id or "")
+        self.add(request)
+        return request
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise InvalidParameterError(f"request id {request.request_id!r} is already in this engine")
+        request.prompt_token_ids = check_prompt(request.prompt_token_ids, self.model.config)
+        policy = request.sampler.policy_class()
+        if getattr(request.sampler, "cache_mode", self.pool.mode) != self.pool.mode:
+            raise InvalidParameterError(
+                f"this engine runs a {self.pool.mode!r} KV cache; {request.sampler.name} with "
+                f"cache_mode={request.sampler.cache_mode!r} needs an engine of its own"  # type: ignore[attr-defined]
+            )
+        sizing = policy.size(request.sampler, len(request.prompt_token_ids), request.sampling, self.model.config)
+        if self.pool.max_steps is not None and sizing.max_step > self.pool.max_steps:
+            raise InvalidParameterError(
+                f"{request.sampler.name} runs recurrence slot {sizing.max_step} but this engine's per-step cache has "
+                f"{self.pool.max_steps} (EngineConfig.max_steps)"
+            )
+        request.positions_needed, request.buffer_needed, request.budget = sizing.cache, sizing.buffer, sizing.budget
+        self.scheduler.add(request)
+        request.arrival_time = time.perf_counter()
+        self.requests[request.request_id] = request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its row is free at once. Returns whether it was still unfinished."""
+        request = self.requests.get(request_id)
+        if request is None or request.finished:
+            return False
+        request.finish_reason = "abort"
+        self._aborted.append(self._finished_output(request, []))
+        if request.row < 0:
+            self.scheduler.remove_waiting(request)
+        else:
+            self._leave(request)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work or bool(self._aborted)
+
+    # ---- stepping -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Advance every running request by one sampler step; returns what changed, per request."""
+        self.stats.steps += 1
+        scheduler = self.scheduler
+        before = len(scheduler.running)
+        admitted = scheduler.admit()
+        now = time.perf_counter()
+        for request in admitted:
+            request.first_pass_time = now
+            self._start(request)
+        if admitted:
+            self._pass(admitted, slice(before, before + len(admitted)), prefill=True)
+        if before:
+            self._pass(scheduler.running[:before], slice(0, before), prefill=False)
+        self.stats.max_running = max(self.stats.max_running, len(scheduler.running))
+        outputs, self._aborted = self._aborted, []
+        for request in list(scheduler.running):
+            assert request.output is not None and request.policy is not None
+            fresh = request.output.take_fresh()
+            if request.policy.done:
+                # The result reads the row (recurrence counts), so it is built before the row is freed.
+                outputs.append(self._finished_output(request, fresh))
+                self._leave(request)
+            elif fresh:
+                outputs.append(StepOutput(request.request_id, fresh, False))
+        return outputs
+
+    def run(
+        self,
+        requests: Iterable[Request],
+        on_output: Callable[[StepOutput], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Offline use: add every request, step until all have finished; results in the order given."""
+        requests = list(requests)
+        for request in requests:
+            self.add(request)
+        results: dict[str, GenerationResult] = {}
+        while self.has_unfinished:
+            for output in self.step():
+                if on_output is not None:
+                    on_output(output)
+                if output.result is not None:
+                    results[output.request_id] = output.result
+        return [results[r.request_id] for r in requests]
+
+    # ---- internals ----------------------------------------------------------------------------------------
+    def _start(self, request: Request) -> None:
+        sampling = request.sampling
+        device = self.model.device
+        request.generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
+        stops = frozenset(sampling.stop_token_ids) | (
+            frozenset() if sampling.ignore_eos else frozenset(self.ctx.stop_token_ids)
+        )
+        request.output = Output(request.budget, StopCondition(stops, sampling.stop, self.tokenizer))
+        self.buffers.reset(request.row, request.prompt_token_ids)
+        request.policy = request.sampler.policy_class()(request, self.ctx)
+        request.policy.start()
+
+    def _leave(self, request: Request) -> None:
+        move = self.scheduler.leave(request)
+        if move is not None:
+            source, target = move
+            self.pool.move_row(source, target)
+            self.buffers.move(source, target)
+
+    def _finished_output(self, request: Request, fresh: list[int]) -> StepOutput:
+        request.finish_time = time.perf_counter()
+        result = self._result(request)
+        self.requests.pop(request.request_id, None)
+        self.stats.finished_requests += 1
+        self.stats.generated_tokens += len(result.token_ids)
+        self.stats.prompt_tokens += len(request.prompt_token_ids)
+        return StepOutput(request.request_id, fresh, True, result)
+
+    def _result(self, request: Request) -> GenerationResult:
+        policy = request.policy
+        tokens = list(request.output.tokens) if request.output is not None else []
+        if policy is None:  # aborted while waiting
+            from depthwave.engine.request import GenerationStats
+
+            stats = GenerationStats(prompt_tokens=len(request.prompt_token_ids))
+        else:
+            tokens = policy.final_tokens(tokens)
+            stats = policy.finalize_stats()
+            stats.prompt_tokens = len(request.prompt_token_ids)
+            stats.generated_tokens = len(tokens)
+            first = request.first_token_time or request.finish_time
+            stats.prefill_time_s = (first or 0.0) - (request.first_pass_time or 0.0)
+            stats.decode_time_s = (request.finish_time or 0.0) - (first or 0.0)
+            stats.queue_time_s = (request.first_pass_time or 0.0) - request.arrival_time
+            stats.cache_bytes_per_position = self.pool.bytes_per_position
+            stats.cache_bytes = request.positions_needed * self.pool.bytes_per_position
+        text = None
+        if self.tokenizer is not None:
+            text = cut_at_stop_strings(self.tokenizer.decode(tokens), request.sampling.stop)  # type: ignore[attr-defined]
+        return GenerationResult(
+            list(request.prompt_token_ids), tokens, request.finish_reason or "length", stats, text, request.request_id
+        )
+
+    def _pass(self, requests: list[Request], rows: slice, prefill: bool) -> None:
+        started = time.perf_counter()
+        model, buffers, pool = self.model, self.buffers, self.pool
+        chunks = [r.policy.chunk() for r in requests]  # type: ignore[union-attr]
+        at = model.positions([c.start for c in chunks], [c.size for c in chunks], rows)
+        self._write_initial_states(requests, chunks)
+        ids = buffers.gather(buffers.tokens, at)
+        wave_in = buffers.gather(buffers.states, at)
+        embedded = model.prelude(ids, at, pool)
+        if any(c.momentum for c in chunks):
+            embedded = self._momentum(embedded, at, chunks)
+        wave = self._noise(wave_in, requests, chunks) if any(c.noise is not None for c in chunks) else wave_in
+        wave_out, steps = self._recur(wave, embedded, at, chunks)
+        buffers.scatter(buffers.states, at, wave_out)
+        self._count(at, chunks, steps)
+        coda_out, latents = model.coda(wave_out, at, pool)
+        logits, logit_rows = self._logits(coda_out, at, chunks)
+        tokens = None
+        if logits is not None and any(c.select for c in chunks):
+            tokens = select_tokens(logits, self._choices(requests, chunks, logit_rows))
+        for request, chunk in zip(requests, chunks, strict=True):
+            pool.set_length(request.row, chunk.start + chunk.size)
+        result = PassResult(
+            requests, at, chunks, wave_in, wave_out, latents, logits, logit_rows, tokens, steps, prefill
+        )
+        self._decide(requests, result)
+        now = time.perf_counter()
+        elapsed = now - started
+        if prefill:
+            self.stats.prefill_passes += 1
+            self.stats.prefill_time_s += elapsed
+        else:
+            self.stats.decode_passes += 1
+            self.stats.decode_time_s += elapsed
+        for request in requests:
+            if request.first_token_time is None and request.output is not None and request.output.tokens:
+                request.first_token_time = now
+
+    def _write_initial_states(self, requests: list[Request], chunks: list[Chunk]) -> None:
+        states = self.buffers.states
+        for request, chunk in zip(requests, chunks, strict=True):
+            if chunk.init is not None:
+                states[request.row, chunk.start : chunk.start + chunk.size] = chunk.init
+
+    def _momentum(self, embedded: Tensor, at: Positions, chunks: list[Chunk]) -> Tensor:
+        """e ← (1 − η)·e + η·e_previous at positions that had an embedding last step (the diffusion sampler)."""
+        buffers = self.buffers
+        store = buffers.optional("embeddings")
+        previous = buffers.gather(store, at)
+        dtype, device = embedded.dtype, embedded.device
+        keep = torch.tensor([1 - c.momentum for c in chunks], dtype=dtype, device=device)[:, None, None]
+        eta = torch.tensor([c.momentum for c in chunks], dtype=dtype, device=device)[:, None, None]
+        until = torch.tensor([c.embedded_until for c in chunks], device=device)
+        overlap = (at.pos < until[:, None]).to(dtype)[:, :, None]
+        mixed = embedded * keep + (eta * previous) * overlap
+        buffers.scatter(store, at, mixed)
+        return mixed
+
+    def _noise(self, wave: Tensor, requests: list[Request], chunks: list[Chunk]) -> Tensor:
+        """State noise β (the diffusion sampler), per row with its own draws: mixed in by β/(1 + recurrences so
+        far) when dampened, variance-preservingly when `sqrt`."""
+        wave = wave.clone()
+        for b, (request, chunk) in enumerate(zip(requests, chunks, strict=True)):
+            noise = chunk.noise
+            if noise is None:
+                continue
+            row = wave[b, : chunk.size]
+            recurrences = self.buffers.counts[request.row, chunk.start : chunk.start + chunk.size]
+            amount = torch.full_like(recurrences, noise.amount, dtype=torch.float32)
+            if noise.dampened:
+                amount = amount / (1 + recurrences)
+            amount = amount.to(wave.dtype)[:, None]
+            if noise.sqrt:
+                wave[b, : chunk.size] = row * (1 - amount).clamp_min(0).sqrt() + amount.sqrt() * noise.states
+            else:
+                wave[b, : chunk.size] = row * (1 - amount) + amount * noise.states
+        return wave
+
+    def _recur(self, wave: Tensor, embedded: Tensor, at: Positions, chunks: list[Chunk]) -> tuple[Tensor, list[int]]:
+        """Each row's recurrences; a row leaves the batch after its depth or when its exit rule fires."""
+        model, pool = self.model, self.pool
+        batch = len(chunks)
+        depth = [c.depth for c in chunks]
+        steps = [0] * batch
+        exits = self._exit_groups(wave, at, chunks)
+        hiding = [c.hide_below for c in chunks]
+        live = [b for b in range(batch) if depth[b] > 0]
+        computed = list(range(batch))  # the rows `state` holds, in order
+        full, state, e, step_at = wave, wave, embedded, at
+        index: Tensor | None = None
+        for i in range(max(depth, default=0)):
+            live = [b for b in live if depth[b] > i]
+            if not live:
+                break
+            if live != computed:
+                if index is not None:
+                    full = full.index_copy(0, index, state)
+                elif state is not full:
+                    full = state
+                computed = live
+                index = torch.tensor(live, device=wave.device)
+                state, e = full[index], embedded[index]
+                step_at = at.subset(index, self._pool_rows(at, index))
+            current = step_at
+            if any(hiding[b] is not None and i >= hiding[b] for b in computed):
+                current = self._hidden(step_at, computed, chunks, i)
+            state = model.core_step(state, e, current, pool, i)
+            for b in computed:
+                steps[b] += 1
+            for group, members in exits:
+                here = [(k, b) for k, b in enumerate(computed) if b in members]
+                if not here:
+                    continue
+                local = torch.tensor([k for k, _ in here], device=wave.device)
+                sub_at = step_at.subset(local, self._pool_rows(step_at, local))
+
+                def logits(rows: Tensor, states: Tensor = state[local], sub: Positions = sub_at) -> Tensor:
+                    return self._last_logits(states, sub)
+
+                fired = group.check(i, [members[b] for _, b in here], state[local], sub_at, logits)
+                gone = {b for (_, b), exit_now in zip(here, fired, strict=True) if exit_now}
+                live = [b for b in live if b not in gone]
+        if index is not None:
+            full = full.index_copy(0, index, state)
+        elif state is not full:
+            full = state
+        return full, steps
+
+    @staticmethod
+    def _pool_rows(at: Positions, index: Tensor) -> Tensor:
+        rows = at.rows
+        if isinstance(rows, slice):
+            return index + rows.start
+        return rows[index]
+
+    def _last_logits(self, states: Tensor, at: Positions) -> Tensor:
+        """Coda and head for the last real position of each row (exit criteria that compare predictions)."""
+        coda_out, _ = self.model.coda(states, at, self.pool)
+        last = torch.tensor([size - 1 for size in at.sizes], device=states.device)
+        return self.model.head(coda_out[torch.arange(len(at.sizes), device=states.device), last])
+
+    def _exit_groups(self, wave: Tensor, at: Positions, chunks: list[Chunk]) -> list[tuple[ExitGroup, dict[int, int]]]:
+        by_class: dict[type, list[int]] = defaultdict(list)
+        for b, chunk in enumerate(chunks):
+            if chunk.exit is not None:
+                by_class[type(chunk.exit)].append(b)
+        groups = []
+        for cls, members in by_class.items():
+            index = torch.tensor(members, device=wave.device)
+            sub = at.subset(index, self._pool_rows(at, index))
+            group = cls.group([chunks[b].exit for b in members], wave[index], sub)
+            groups.append((group, {b: k for k, b in enumerate(members)}))
+        return groups
+
+    def _hidden(self, at: Positions, computed: list[int], chunks: list[Chunk], step: int) -> Positions:
+        """Per-step cache: hide cached positions that never ran recurrence `step` (adaptive compute's exits)."""
+        counts = self.buffers.counts[at.rows][:, : at.length]
+        device = counts.device
+        starts = torch.tensor([chunks[b].start for b in computed], device=device)
+        hide = torch.tensor(
+            [chunks[b].hide_below is not None and step >= chunks[b].hide_below for b in computed], device=device
+        )
+        keys = torch.arange(at.length, device=device)
+        visible = (counts > step) | (keys[None, :] >= starts[:, None]) | ~hide[:, None]
+        return at.hiding(visible)
+
+    def _count(self, at: Positions, chunks: list[Chunk], steps: list[int]) -> None:
+        """Recurrences each position's state has run: this pass's, or added to before (diffusion)."""
+        buffers = self.buffers
+        device = at.pos.device
+        ran = torch.tensor(steps, device=device)[:, None].expand(-1, at.width)
+        if any(c.accumulate for c in chunks):
+            grow = torch.tensor([c.accumulate for c in chunks], device=device)[:, None]
+            ran = torch.where(grow, buffers.gather(buffers.counts, at) + ran, ran)
+        buffers.scatter(buffers.counts, at, ran)
+
+    def _logits(self, coda_out: Tensor, at: Positions, chunks: list[Chunk]) -> tuple[Tensor | None, list[slice]]:
+        """The head on the rows the samplers read, one chunk after another."""
+        width = at.width
+        rows, flat, first = [], [], 0
+        for b, chunk in enumerate(chunks):
+            count = chunk.logits_rows
+            rows.append(slice(first, first + count))
+            flat.extend(range(b * width + chunk.logits_from, b * width + chunk.size))
+            first += count
+        if not flat:
+            return None, rows
+        x = coda_out.flatten(0, 1)
+        if len(flat) != x.shape[0]:
+            x = x[torch.tensor(flat, device=x.device)]
+        return self.model.head(x), rows
+
+    def _choices(self, requests: list[Request], chunks: list[Chunk], rows: list[slice]) -> list[Choice]:
+        tokens = self.buffers.tokens
+        choices = []
+        for request, chunk, span in zip(requests, chunks, rows, strict=True):
+            if not chunk.select or span.stop == span.start:
+                continue
+            lengths = [chunk.context] * chunk.logits_rows if isinstance(chunk.context, int) else chunk.context
+            choices.append(Choice(span, request.sampling, request.generator, tokens[request.row], lengths))
+        return choices
+
+    def _decide(self, requests: list[Request], result: PassResult) -> None:
+        groups: dict[type[Policy], list[tuple[Policy, int]]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            assert request.policy is not None
+            groups[type(request.policy)].append((request.policy, index))
+        queued = [(cls, members, cls.prepare(members, result)) for cls, members in groups.items()]
+        values = fetch([t for _, _, tensors in queued for t in tensors])
+        first = 0
+        for cls, members, tensors in queued:
+            cls.decide(members, values[first : first + len(tensors)], result)
+            first += len(tensors)

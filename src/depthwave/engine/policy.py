@@ -1,0 +1,187 @@
+"""The contract between the engine and a sampler.
+
+The engine owns the model work: it runs the prelude, the recurrences, the coda and the head once per pass for all
+rows of the pass, and chooses tokens. A sampler is a *policy* per request: before a pass it says what its request
+computes (a `Chunk`: which positions, how many recurrences, from which initial states), and after the pass it reads
+the results and decides what became final. Decisions that need device values are split in two: `prepare` (class
+level, batched over all requests of that sampler in the pass) queues device tensors, the engine fetches every
+sampler's tensors in one transfer, and `decide` (class level again) hands each request its values. That keeps to
+one host synchronisation per pass, whatever the mix of samplers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from depthwave.engine.request import GenerationStats, Request
+
+if TYPE_CHECKING:
+    from depthwave.engine.buffers import RowBuffers
+    from depthwave.engine.engine import PassResult
+    from depthwave.engine.selection import SamplingParams
+    from depthwave.model.config import HuginnConfig
+    from depthwave.model.kv_cache import KVPool
+    from depthwave.model.model import RecurrentDepthModel
+    from depthwave.model.positions import Positions
+
+
+class SamplerParams(Protocol):
+    """A sampler's parameter dataclass (`StaticParams`, `DiffusionParams`, ...): it names its policy."""
+
+    name: ClassVar[str]
+
+    def policy_class(self) -> type[Policy]: ...
+
+
+@dataclass(frozen=True)
+class Noise:
+    """β of the diffusion sampler: mix `states` ([size, D]) into the chunk's initial states, by β/(1 + recurrences
+    so far) when `dampened`, variance-preservingly when `sqrt`."""
+
+    amount: float
+    dampened: bool
+    sqrt: bool
+    states: Tensor
+
+
+@dataclass
+class Chunk:
+    """What a request computes in one pass: positions start..start+size-1 (the cache holds every position < start),
+    `depth` recurrences each (at most, with an exit rule), logits for chunk rows logits_from..size-1."""
+
+    start: int
+    size: int
+    depth: int
+    logits_from: int
+    init: Tensor | None = None
+    """[size, D] initial states to write before the pass (None: the state buffer already holds them)."""
+    accumulate: bool = False
+    """The recurrence count of these positions grows (the diffusion sampler refines states across steps) rather
+    than being this pass's depth."""
+    select: bool = True
+    """The engine chooses tokens for the logits rows with the request's SamplingParams."""
+    context: Sequence[int] | int = 0
+    """Repetition-penalty context length for each logits row (an int: the same for all)."""
+    momentum: float = 0.0
+    embedded_until: int = 0
+    """Positions < this hold the previous step's embeddings (momentum mixes them in)."""
+    noise: Noise | None = None
+    exit: ExitRule | None = None
+    hide_below: int | None = None
+    """Per-step cache: from this recurrence on, cached positions that ran fewer recurrences are hidden."""
+
+    @property
+    def logits_rows(self) -> int:
+        return self.size - self.logits_from
+
+
+class ExitRule(ABC):
+    """A per-row early exit inside a pass (adaptive compute). The engine groups a pass's rules by class."""
+
+    @classmethod
+    @abstractmethod
+    def group(cls, rules: list[ExitRule], initial: Tensor, at: Positions) -> ExitGroup: ...
+
+
+class ExitGroup(ABC):
+    @abstractmethod
+    def check(self, step: int, live: Sequence[int], states: Tensor, at: Positions, logits: Any) -> list[bool]:
+        """After recurrence `step` (0-based), for the group's rows `live` (indices into the group) with their
+        states [n, S, D] and positions, which exit now. `logits(rows)` gives their last positions' logits."""
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """A request's bounds: tokens it may generate, cache and buffer positions it may touch, the highest per-step
+    cache slot (recurrence index + 1) it may use."""
+
+    budget: int
+    cache: int
+    buffer: int
+    max_step: int
+
+
+@dataclass
+class EngineContext:
+    """What policies may touch: the model, the pool, the row buffers, and the model's stop tokens and tokenizer."""
+
+    model: RecurrentDepthModel
+    pool: KVPool
+    buffers: RowBuffers
+    tokenizer: Any
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+class Policy(ABC):
+    """One request's sampler state. Subclasses implement `start`, `chunk`, `update` and `finalize_stats`; batched
+    device work after a pass goes in `prepare` (class level)."""
+
+    stats: GenerationStats
+
+    def __init__(self, request: Request, ctx: EngineContext) -> None:
+        self.request = request
+        self.ctx = ctx
+        self.done = False
+
+    # ---- sizing (before admission) -----------------------------------------------------------------------
+    @staticmethod
+    @abstractmethod
+    def size(params: Any, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:
+        """What a request may use at most; raises InvalidParameterError for a combination that cannot run."""
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def start(self) -> None:
+        """The request got its row: the prompt tokens are in the token buffer; set up the rest."""
+
+    @abstractmethod
+    def chunk(self) -> Chunk:
+        """What the request computes in the coming pass."""
+
+    @classmethod
+    def prepare(cls, members: list[tuple[Policy, int]], result: PassResult) -> list[Tensor]:
+        """Device work after a pass for every request of this class in it ((policy, batch index) pairs); returns
+        the tensors whose values `decide` needs. By default: the tokens the engine chose."""
+        return [result.tokens_of(index) for _, index in members]
+
+    @classmethod
+    def decide(cls, members: list[tuple[Policy, int]], fetched: list[list[float]], result: PassResult) -> None:
+        """Host decisions from the fetched values (one list per tensor `prepare` returned, in order)."""
+        for (policy, index), values in zip(members, fetched, strict=True):
+            policy.update([int(v) for v in values], result, index)
+
+    def update(self, tokens: list[int], result: PassResult, index: int) -> None:
+        """Host decisions of the default `decide`: the tokens chosen for this request's logits rows."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def finalize_stats(self) -> GenerationStats:
+        """The request's statistics once it finished (common fields are filled in by the engine)."""
+
+    def final_tokens(self, emitted: list[int]) -> list[int]:
+        """The result's tokens (a reference mode may return what the official code returns instead)."""
+        return emitted
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    @property
+    def row(self) -> int:
+        return self.request.row
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    def finish(self, reason: str) -> None:
+        self.done = True
+        if self.request.finish_reason is None:
+            self.request.finish_reason = reason  # type: ignore[assignment]
