@@ -79,6 +79,8 @@ class EngineStats:
     decode_passes: int = 0
     prefill_time_s: float = 0.0
     decode_time_s: float = 0.0
+    decode_rows: int = 0
+    """Requests summed over decode passes (divided by the passes: the mean batch occupancy)."""
     prompt_tokens: int = 0
     generated_tokens: int = 0
     finished_requests: int = 0
@@ -369,6 +371,7 @@ class Engine:
         else:
             self.stats.decode_passes += 1
             self.stats.decode_time_s += elapsed
+            self.stats.decode_rows += len(requests)
         for request in requests:
             if request.first_token_time is None and request.output is not None and request.output.tokens:
                 request.first_token_time = now

@@ -98,13 +98,13 @@ class KVPool:
             keys[row, :, start:end].copy_(key[0].transpose(0, 1))
             values[row, :, start:end].copy_(value[0].transpose(0, 1))
             return keys[row : row + 1, :, :end], values[row : row + 1, :, :end]
-        if at.write_from is None:
-            key, value = key.flatten(0, 1), value.flatten(0, 1)
-        else:
-            key, value = key.flatten(0, 1)[at.write_from], value.flatten(0, 1)[at.write_from]
-        # Advanced indices around a slice: the indexed result is [N, H, h], matching key and value.
-        keys[at.write_rows, :, at.write_pos] = key
-        values[at.write_rows, :, at.write_pos] = value
+        key, value = key.flatten(0, 1), value.flatten(0, 1)
+        if at.write_from is not None:
+            key, value = key[at.write_from], value[at.write_from]
+        rows, heads, length, width = keys.shape
+        index = at.flat_writes(heads, length)
+        keys.view(rows * heads * length, width).index_copy_(0, index, key.reshape(-1, width))
+        values.view(rows * heads * length, width).index_copy_(0, index, value.reshape(-1, width))
         return keys[at.rows, :, : at.length], values[at.rows, :, : at.length]
 
     def set_length(self, row: int, length: int) -> None:

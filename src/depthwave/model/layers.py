@@ -45,8 +45,11 @@ def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-    """Softmax attention of q [B,H,S,h] over k, v [B,H,T,h]; `mask` is a boolean [B or 1,1,S,T] (True = attend)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool) -> Tensor:
+    """Softmax attention of q [B,H,S,h] over k, v [B,H,T,h]; `bias` is an additive [B or 1,1,S,T] mask (0 = attend,
+    -inf = not)."""
+    if bias is not None and bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
     if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] > 1:
         # On CPU, SDPA in bf16/fp16 is several times slower than a plain matmul + softmax for many queries
         # (for a single query it is the faster of the two).
@@ -54,10 +57,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: b
         if is_causal:
             s, t = scores.shape[-2:]
             mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
-        if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
+        if bias is not None:
+            scores = scores + bias
         return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal)
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,7 +85,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.write(slot, at, k, v)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-        out = attention(qk[:, :, 0].transpose(1, 2), k, v, at.mask, at.is_causal)
+        out = attention(qk[:, :, 0].transpose(1, 2), k, v, at.bias, at.is_causal)
         return F.linear(out.transpose(1, 2).reshape(batch, seq, dim), self.proj.weight)
 
 

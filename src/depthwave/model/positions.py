@@ -12,7 +12,8 @@ garbage that nobody reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -40,6 +41,23 @@ class Positions:
     write_pos: Tensor | None
     write_from: Tensor | None
     """[N] flat indices into [B*S] of the real queries, or None when no row is padded."""
+    _flat: dict[tuple[int, int], Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    @cached_property
+    def bias(self) -> Tensor | None:
+        """The mask as an additive fp32 bias (0 or -inf), built once per call instead of once per layer."""
+        if self.mask is None:
+            return None
+        return torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(~self.mask, float("-inf"))
+
+    def flat_writes(self, heads: int, length: int) -> Tensor:
+        """Indices of the written (row, head, position) entries in a cache slot viewed as [rows·heads·length, h],
+        in the order of the real queries' K/V viewed as [N·heads, h] (one index_copy per write)."""
+        key = (heads, length)
+        if key not in self._flat:
+            head = torch.arange(heads, device=self.pos.device)
+            self._flat[key] = ((self.write_rows[:, None] * heads + head) * length + self.write_pos[:, None]).reshape(-1)
+        return self._flat[key]
 
     @property
     def batch(self) -> int:

@@ -1,0 +1,142 @@
+"""Batched throughput of the engine: the built-in model's test problems at batch sizes 1, 4, 16 and 64.
+
+    python benchmarks/bench_batch.py                       # 64 problems, diffusion and static, 1 and 2 threads
+    python benchmarks/bench_batch.py --problems 16 --batch-sizes 1,16 --threads 1 --repeats 1
+
+For each sampler and batch size B, all problems go into one engine whose rows hold B requests at once: it runs B at
+a time and admits the next problem as soon as one finishes (continuous batching; B = 1 is one problem at a time
+through the same engine). Every (threads, sampler, B) configuration runs in every repeat, in an order rotated per
+repeat, so machine noise hits all alike; the table shows medians over repeats.
+
+Columns: decode tokens/s = generated tokens after each request's first (which its prefill produces) over the wall
+time of the decode passes, summed over the whole run (aggregate, not per request); prefill = the wall time of the
+prefill passes and prompt tokens per second of it; end to end = all generated tokens over the run's wall time;
+speedup = decode tokens/s over B = 1's at the same thread count; rows/pass = mean requests per decode pass;
+ms/pass = mean decode pass time; accuracy = problems answered right (it must not depend on B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from depthwave.data.arithmetic import extract_answer
+from depthwave.data.tokenizer import question_prompt
+from depthwave.engine import Request
+from depthwave.llm import LLM
+from depthwave.samplers import SamplingParams
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TEST_SET = Path(__file__).resolve().parents[1] / "src/depthwave/assets/arithmetic/test.jsonl"
+SAMPLERS = {"diffusion": {}, "static": {"cache_mode": "shared"}}
+
+
+def run(llm: LLM, sampler: str, prompts: list[list[int]], answers: list[int], batch: int, tokens: int) -> dict:
+    params = llm.sampler_params(sampler, **SAMPLERS[sampler])
+    requests = [
+        Request(ids, SamplingParams(temperature=0.0, max_new_tokens=tokens, seed=i), params)
+        for i, ids in enumerate(prompts)
+    ]
+    engine = llm.engine(requests, params.cache_mode, max_num_seqs=batch)
+    began = time.perf_counter()
+    results = engine.run(requests)
+    wall = time.perf_counter() - began
+    s = engine.stats
+    generated = sum(len(r.token_ids) for r in results)
+    decoded = generated - len(results)
+    correct = sum(extract_answer(r.text or "") == a for r, a in zip(results, answers, strict=True))
+    return {
+        "decode_tokens_per_s": decoded / s.decode_time_s if s.decode_time_s else 0.0,
+        "prefill_s": s.prefill_time_s,
+        "prefill_tokens_per_s": s.prompt_tokens / s.prefill_time_s if s.prefill_time_s else 0.0,
+        "end_to_end_tokens_per_s": generated / wall,
+        "wall_s": wall,
+        "decode_s": s.decode_time_s,
+        "decode_passes": s.decode_passes,
+        "ms_per_decode_pass": 1e3 * s.decode_time_s / max(s.decode_passes, 1),
+        "rows_per_decode_pass": s.decode_rows / max(s.decode_passes, 1),
+        "generated_tokens": generated,
+        "accuracy": correct / len(results),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--problems", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="1,4,16,64")
+    parser.add_argument("--samplers", default="diffusion,static")
+    parser.add_argument("--threads", default="1,2", help="torch CPU thread counts to measure each configuration at")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_batch.json")
+    args = parser.parse_args(argv)
+
+    llm = LLM(args.model, device="cpu")
+    rows = [json.loads(line) for line in TEST_SET.read_text().splitlines()[: args.problems]]
+    prompts = [llm.encode(question_prompt(row["question"])) for row in rows]
+    answers = [extract_answer(row["answer"]) for row in rows]
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    samplers = args.samplers.split(",")
+    threads = [int(t) for t in args.threads.split(",")]
+    configs = [(t, s, b) for t in threads for s in samplers for b in batches]
+    run(llm, samplers[0], prompts[:2], answers[:2], 2, 8)  # warm-up
+    measured: dict[tuple, list[dict]] = {c: [] for c in configs}
+    for repeat in range(args.repeats):
+        shift = repeat % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            torch.set_num_threads(config[0])
+            measured[config].append(run(llm, config[1], prompts, answers, config[2], args.max_new_tokens))
+            print(f"repeat {repeat} threads {config[0]} {config[1]} B={config[2]}: "
+                  f"{measured[config][-1]['decode_tokens_per_s']:.0f} tokens/s", flush=True)
+
+    table = []
+    for threads_, sampler, batch in configs:
+        runs = measured[(threads_, sampler, batch)]
+        row: dict[str, Any] = {"threads": threads_, "sampler": sampler, "batch": batch, "runs": runs}
+        for key in runs[0]:
+            row[key] = statistics.median(r[key] for r in runs)
+        table.append(row)
+    for row in table:
+        base = next(r for r in table if r["threads"] == row["threads"] and r["sampler"] == row["sampler"] and r["batch"] == 1)
+        row["speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        best = max(
+            r["decode_tokens_per_s"] for r in table if r["sampler"] == row["sampler"] and r["batch"] == 1
+        )
+        row["speedup_vs_best_batch1"] = row["decode_tokens_per_s"] / best
+
+    print()
+    print("| threads | sampler | B | decode tok/s | speedup | vs best B=1 | prefill s | prefill tok/s | "
+          "end-to-end tok/s | rows/pass | ms/pass | accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(
+            f"| {r['threads']} | {r['sampler']} | {r['batch']} | {r['decode_tokens_per_s']:.1f} | "
+            f"{r['speedup']:.2f}× | {r['speedup_vs_best_batch1']:.2f}× | {r['prefill_s']:.2f} | "
+            f"{r['prefill_tokens_per_s']:.0f} | {r['end_to_end_tokens_per_s']:.1f} | {r['rows_per_decode_pass']:.1f} | "
+            f"{r['ms_per_decode_pass']:.2f} | {100 * r['accuracy']:.1f}% |"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                            "torch": torch.__version__},
+                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "rows": table,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
