@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> None:
         for config in configs[shift:] + configs[:shift]:
             torch.set_num_threads(config[0])
             measured[config].append(run(llm, config[1], prompts, answers, config[2], args.max_new_tokens))
-            print(f"repeat {repeat} threads {config[0]} {config[1]} B={config[2]}: "
-                  f"{measured[config][-1]['decode_tokens_per_s']:.0f} tokens/s", flush=True)
+            print(
+                f"repeat {repeat} threads {config[0]} {config[1]} B={config[2]}: "
+                f"{measured[config][-1]['decode_tokens_per_s']:.0f} tokens/s",
+                flush=True,
+            )
 
     table = []
     for threads_, sampler, batch in configs:
@@ -105,16 +108,18 @@ def main(argv: list[str] | None = None) -> None:
             row[key] = statistics.median(r[key] for r in runs)
         table.append(row)
     for row in table:
-        base = next(r for r in table if r["threads"] == row["threads"] and r["sampler"] == row["sampler"] and r["batch"] == 1)
-        row["speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        best = max(
-            r["decode_tokens_per_s"] for r in table if r["sampler"] == row["sampler"] and r["batch"] == 1
+        base = next(
+            r for r in table if r["threads"] == row["threads"] and r["sampler"] == row["sampler"] and r["batch"] == 1
         )
+        row["speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        best = max(r["decode_tokens_per_s"] for r in table if r["sampler"] == row["sampler"] and r["batch"] == 1)
         row["speedup_vs_best_batch1"] = row["decode_tokens_per_s"] / best
 
     print()
-    print("| threads | sampler | B | decode tok/s | speedup | vs best B=1 | prefill s | prefill tok/s | "
-          "end-to-end tok/s | rows/pass | ms/pass | accuracy |")
+    print(
+        "| threads | sampler | B | decode tok/s | speedup | vs best B=1 | prefill s | prefill tok/s | "
+        "end-to-end tok/s | rows/pass | ms/pass | accuracy |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         print(
@@ -127,8 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(
         json.dumps(
             {
-                "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                            "torch": torch.__version__},
+                "machine": {
+                    "platform": platform.platform(),
+                    "processor": platform.processor(),
+                    "torch": torch.__version__,
+                },
                 "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "rows": table,
             },

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from depthwave.model.cache import KVCache
 
 from depthwave.data.arithmetic import Problem, extract_answer, make_split
 from depthwave.data.tokenizer import question_prompt
 from depthwave.llm import LLM
-from depthwave.model.cache import KVCache
 from depthwave.model.model import RecurrentDepthModel
 from depthwave.samplers import SamplingParams
 

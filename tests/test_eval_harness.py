@@ -52,35 +52,40 @@ def test_run_writes_records_summary_and_table(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_run_resumes_without_recomputing(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    calls: list[tuple[str, int, frozenset[str]]] = []
-    original = harness.Evaluator.run_sample
+    calls: list[tuple[int, frozenset[str]]] = []
+    original = harness.Evaluator.run_chunk
 
-    def counting(self, task_name, index, sample, skip=frozenset()):  # type: ignore[no-untyped-def]
-        calls.append((task_name, index, frozenset(skip)))
-        return original(self, task_name, index, sample, skip)
+    def counting(self, chunk, turn, emit):  # type: ignore[no-untyped-def]
+        calls.extend((index, frozenset(skip)) for _, index, _, skip in chunk)
+        return original(self, chunk, turn, emit)
 
-    monkeypatch.setattr(harness.Evaluator, "run_sample", counting)
+    monkeypatch.setattr(harness.Evaluator, "run_chunk", counting)
+    written: list[dict] = []
 
     def interrupt(records: list[dict]) -> None:
-        if len(calls) == 2:
+        written.extend(records)
+        if len(written) == 3:  # mid-chunk: the first sampler has both samples, the second one of them
             raise KeyboardInterrupt
 
+    settings = _settings(batch_size=2)
     with pytest.raises(KeyboardInterrupt):
-        run_eval(_settings(), tmp_path, on_records=interrupt)
-    assert len(read_records(tmp_path)) == 4  # two samples, both samplers, flushed before the interruption
+        run_eval(settings, tmp_path, on_records=interrupt)
+    first = read_records(tmp_path)
+    assert len(first) == 3  # flushed before the interruption
     # A cut-off last line (killed mid-write) is ignored and repaired.
     with (tmp_path / "samples.jsonl").open("a") as f:
         f.write('{"task": "arithmetic", "sampler": "quick", "sample_')
-    first = read_records(tmp_path)
     calls.clear()
-    run_eval(_settings(), tmp_path)
-    assert calls == [("arithmetic", 2, frozenset())]
+    run_eval(settings, tmp_path)
+    half_done = {r["index"] for r in first if r["sampler"] == "quick"}
+    assert calls == [(({0, 1} - half_done).pop(), frozenset({"static(num_steps=4)"})), (2, frozenset())]
     records = read_records(tmp_path)
-    assert records[:4] == first and len(records) == 6
+    assert records[:3] == first and len(records) == 6
     assert len({(r["sampler"], r["sample_id"]) for r in records}) == 6
-    # Another sampler list on the same folder is refused rather than mixed in.
+    # Another sampler list on the same folder is refused rather than mixed in; another batch size is not.
     with pytest.raises(InvalidParameterError, match="holds a run with other settings"):
         run_eval(_settings(samplers=tuple(parse_samplers("static"))), tmp_path)
+    assert len(run_eval(_settings(batch_size=3), tmp_path)["rows"]) == 2
 
 
 def test_ray_with_two_workers_gives_the_single_process_results(tmp_path: Path) -> None:
@@ -188,3 +193,17 @@ def test_the_local_ray_cluster_listens_on_loopback_only() -> None:
     for line in ours:
         local = line.split()[3]
         assert local.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")), line
+
+
+def test_batch_size_changes_the_speed_not_the_results(tmp_path: Path) -> None:
+    one = run_eval(_settings(limit=4, batch_size=1), tmp_path / "one")
+    batched = run_eval(_settings(limit=4, batch_size=3), tmp_path / "batched")
+
+    def keyed(folder: Path) -> dict:
+        return {(r["sampler"], r["sample_id"]): r["token_ids"] for r in read_records(folder)}
+
+    assert keyed(tmp_path / "one") == keyed(tmp_path / "batched") and len(keyed(tmp_path / "one")) == 8
+    assert [r["accuracy"] for r in one["rows"]] == [r["accuracy"] for r in batched["rows"]]
+    lines = read_records(tmp_path / "batched", harness.BATCHES_FILE)
+    assert sorted(line["requests"] for line in lines) == [1, 1, 3, 3]
+    assert all(line["decode_s"] > 0 and line["decoded_tokens"] > 0 for line in lines)

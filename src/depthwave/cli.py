@@ -236,6 +236,7 @@ def _eval_settings(
     device: str | None,
     dtype: str,
     threads: int | None,
+    batch_size: int,
 ) -> Any:
     from depthwave.eval.harness import EvalSettings, parse_samplers
 
@@ -260,7 +261,11 @@ def _eval_settings(
         device=device,
         dtype=dtype,
         threads=threads,
+        batch_size=batch_size,
     )
+
+
+BATCH_SIZE_HELP = "Requests per batch: each sampler runs a chunk of this many samples together (1 = one at a time)."
 
 
 class _EvalProgress:
@@ -350,7 +355,7 @@ def eval_command(
     tasks: Annotated[str, typer.Option(help="Comma-separated: arithmetic, gsm8k, math500, humaneval, mbpp.")] = (
         "arithmetic"
     ),
-    samplers: Annotated[str, typer.Option(help=EVAL_SAMPLERS_HELP)] = "static,diffusion",
+    samplers: Annotated[str, typer.Option(help=EVAL_SAMPLERS_HELP)] = "diffusion",
     limit: Annotated[int | None, typer.Option(help="First N samples of each task.")] = None,
     seed: Annotated[int, typer.Option(help="Sample i uses seed*1000003+i.")] = 0,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
@@ -365,6 +370,7 @@ def eval_command(
     device: Annotated[str | None, typer.Option()] = None,
     dtype: Annotated[str, typer.Option()] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
+    batch_size: Annotated[int, typer.Option(help=BATCH_SIZE_HELP)] = 64,
 ) -> None:
     """Evaluate samplers on benchmark tasks: the paper's table of accuracy and tokens/s."""
     from depthwave.eval.harness import run_eval
@@ -385,6 +391,7 @@ def eval_command(
             device,
             dtype,
             threads,
+            batch_size,
         )
         summary = _run_with_progress(
             settings, out, lambda p: run_eval(settings, out, workers, ray_address, on_records=p)
@@ -416,6 +423,7 @@ def sweep(
     device: Annotated[str | None, typer.Option()] = None,
     dtype: Annotated[str, typer.Option()] = "auto",
     threads: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option(help=BATCH_SIZE_HELP)] = 64,
 ) -> None:
     """Sweep the diffusion sampler's parameters one at a time; Pareto and per-parameter plots."""
     from depthwave.eval.sweep import parse_grid, run_sweep, sweep_settings
@@ -436,6 +444,7 @@ def sweep(
             device,
             dtype,
             threads,
+            batch_size,
         )
         grid = parse_grid(param or [])
         settings, fixed = sweep_settings(given, grid)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from depthwave.engine.engine import Engine, EngineConfig, check_prompt
+from depthwave.engine.engine import Engine, EngineConfig, EngineStats, check_prompt
 from depthwave.engine.request import GenerationResult, Request, StepOutput
 from depthwave.engine.selection import SamplingParams
 from depthwave.errors import InvalidParameterError, PromptError
@@ -116,17 +116,32 @@ class LLM:
         ]
         return self.run(requests, progress=progress, on_output=on_output)
 
+    def check(self, request: Request) -> None:
+        """Raise the DepthwaveError that running this request would raise (bad prompt, impossible settings)."""
+        request.prompt_token_ids = check_prompt(request.prompt_token_ids, self.model.config)
+        sampler = request.sampler
+        sampler.policy_class().size(sampler, len(request.prompt_token_ids), request.sampling, self.model.config)
+
     def run(
         self,
         requests: Sequence[Request],
         progress: bool | None = None,
         on_output: Callable[[StepOutput], None] | None = None,
     ) -> list[GenerationResult]:
-        """Run requests through engines sized for them. Requests whose samplers need different KV caches
-        (per-step against shared) run as separate batches, one after the other."""
+        """Run requests through engines sized for them; results in the order given."""
+        return self.run_with_stats(requests, progress, on_output)[0]
+
+    def run_with_stats(
+        self,
+        requests: Sequence[Request],
+        progress: bool | None = None,
+        on_output: Callable[[StepOutput], None] | None = None,
+    ) -> tuple[list[GenerationResult], EngineStats]:
+        """`run`, and the engines' totals (pass times and tokens). Requests whose samplers need different KV
+        caches (per-step against shared) run as separate batches, one after the other."""
         groups: dict[str, list[Request]] = defaultdict(list)
         for request in requests:
-            request.prompt_token_ids = check_prompt(request.prompt_token_ids, self.model.config)
+            self.check(request)
             groups[request.sampler.cache_mode].append(request)
         show = len(requests) >= 8 if progress is None else progress
         results: dict[str, GenerationResult] = {}
@@ -138,11 +153,13 @@ class LLM:
                 if on_output is not None:
                     on_output(output)
 
+            totals = EngineStats()
             for mode, group in groups.items():
                 engine = self.engine(group, mode)
                 for result in engine.run(group, on_output=report):
                     results[result.request_id] = result
-        return [results[r.request_id] for r in requests]
+                totals = totals.plus(engine.stats)
+        return [results[r.request_id] for r in requests], totals
 
     def engine(self, requests: Sequence[Request], cache_mode: str = "shared", **config: Any) -> Engine:
         """An engine whose rows hold the largest of `requests` (or `config`'s EngineConfig fields)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -85,6 +85,12 @@ class EngineStats:
     generated_tokens: int = 0
     finished_requests: int = 0
     max_running: int = 0
+
+    def plus(self, other: EngineStats) -> EngineStats:
+        """Totals of two engines (maxima for the high-water marks)."""
+        values = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        values["max_running"] = max(self.max_running, other.max_running)
+        return EngineStats(**values)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -219,6 +225,7 @@ class Engine:
         request.arrival_time = time.perf_counter()
         self.requests[request.request_id] = request
 
+    @torch.inference_mode()
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its row is free at once. Returns whether it was still unfinished."""
         request = self.requests.get(request_id)

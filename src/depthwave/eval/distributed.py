@@ -12,11 +12,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from depthwave.eval.harness import EvalSettings, Evaluator
-from depthwave.eval.tasks import Sample
+from depthwave.eval.harness import EvalSettings, Evaluator, Work
 from depthwave.eval.tasks.base import require
 
-Work = tuple[str, int, Sample, set[str]]
+Result = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 
 class _Worker:
@@ -24,10 +23,14 @@ class _Worker:
 
     def __init__(self, settings: EvalSettings) -> None:
         self.evaluator = Evaluator(settings)
+        self.turn = 0
 
-    def run(self, item: Work) -> list[dict[str, Any]]:
-        task_name, index, sample, skip = item
-        return self.evaluator.run_sample(task_name, index, sample, skip)
+    def run(self, chunk: list[Work]) -> Result:
+        """A chunk's records and batch lines."""
+        records: list[dict[str, Any]] = []
+        lines = self.evaluator.run_chunk(chunk, self.turn, records.extend)
+        self.turn += 1
+        return records, lines
 
 
 def start_local_ray(cpus: int) -> None:
@@ -52,9 +55,9 @@ def start_local_ray(cpus: int) -> None:
 
 
 def run_distributed(
-    settings: EvalSettings, work: list[Work], workers: int, address: str | None = None
-) -> Iterator[list[dict[str, Any]]]:
-    """Yield each sample's records as a worker finishes it (in completion order)."""
+    settings: EvalSettings, work: list[list[Work]], workers: int, address: str | None = None
+) -> Iterator[Result]:
+    """Yield each chunk's records and batch lines as a worker finishes it (in completion order)."""
     if not work:
         return
     ray = require("ray", "running the evaluation on several workers")

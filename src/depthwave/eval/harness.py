@@ -6,13 +6,16 @@ Files in the output folder:
 * ``settings.json``: what the run is (model, tasks, samplers, sampling, seed); a resumed run must match it.
 * ``samples.jsonl``: one line per (task, sampler, sample), appended and flushed as each finishes, so an interrupted
   run loses nothing and a rerun skips what is there.
+* ``batches.jsonl``: one line per batch (a sampler on a chunk of samples): its engine's pass times and tokens.
 * ``summary.json`` and ``table.md``: the aggregate, rewritten at the end.
 
-Every sampler sees the same prompt for a sample, in turn (interleaved), so machine noise hits all rows alike.
-Sample i of a task is generated with seed ``seed * 1_000_003 + i`` whichever worker runs it, so a sharded run
-(`depthwave.eval.distributed`) reproduces the per-sample results of a single-process one. Timing: CUDA events on a
-GPU, perf counters on a CPU (the samplers' `Stopwatch`); tokens/s counts generated tokens after the first over
-decode time, summed over samples; the prefill (prompt through the first token) is reported separately.
+Samples run through the batched engine in chunks of `batch_size`: each sampler runs the chunk as one batch, then
+the next sampler the same chunk (the order rotates from chunk to chunk), so machine noise hits all rows alike.
+Sample i of a task is generated with seed ``seed * 1_000_003 + i`` whatever the batch or worker, and a request's
+tokens do not depend on its batch, so batch sizes and sharded runs (`depthwave.eval.distributed`) give the
+per-sample results of a one-at-a-time run. tokens/s is the batches' aggregate: generated tokens after each
+request's first (which its prefill produces) over the wall time of the decode passes (host clock after the step's
+synchronisation); the prefill is reported separately (median per request).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import ast
 import json
 import os
 import statistics
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from depthwave.errors import DepthwaveError, InvalidParameterError
 from depthwave.eval.tasks import Sample, Task, get_task
 
 RECORDS_FILE = "samples.jsonl"
+BATCHES_FILE = "batches.jsonl"
 SETTINGS_FILE = "settings.json"
 SUMMARY_FILE = "summary.json"
 TABLE_FILE = "table.md"
@@ -128,8 +132,10 @@ class EvalSettings:
     device: str | None = None
     dtype: str = "auto"
     threads: int | None = None
+    batch_size: int = 64
 
     def __post_init__(self) -> None:
+        require_int(self.batch_size, "batch_size")
         if not self.tasks:
             raise InvalidParameterError("give at least one task")
         if self.limit is not None and self.limit < 1:
@@ -153,10 +159,11 @@ class EvalSettings:
         return cls(**values)
 
     def identity(self) -> dict[str, Any]:
-        """What must match for a resumed run to continue an earlier one (not device, threads or limit)."""
+        """What must match for a resumed run to continue an earlier one (not device, threads, batch size or limit:
+        they change the speed, not the results)."""
         out = self.to_dict()
-        for key in ("device", "threads", "limit"):
-            out.pop(key)
+        for key in ("device", "threads", "limit", "batch_size"):
+            out.pop(key, None)
         return out
 
 
@@ -165,7 +172,7 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 class Evaluator:
-    """A loaded model with its tasks and samplers: turns one sample into one record per sampler."""
+    """A loaded model with its tasks and samplers: runs chunks of samples through the engine, a batch per sampler."""
 
     def __init__(self, settings: EvalSettings) -> None:
         import torch
@@ -176,10 +183,11 @@ class Evaluator:
             torch.set_num_threads(settings.threads)
         self.settings = settings
         dtype = None if settings.dtype == "auto" else settings.dtype
-        self.llm = LLM(settings.model, device=settings.device, dtype=dtype)
+        self.llm = LLM(settings.model, device=settings.device, dtype=dtype, max_num_seqs=settings.batch_size)
         self.tasks: dict[str, Task] = {name: get_task(name) for name in settings.tasks}
-        self.samplers = {spec.label: self.llm.sampler(spec.kind, **spec.params) for spec in settings.samplers}
+        self.samplers = {spec.label: self.llm.sampler_params(spec.kind, **spec.params) for spec in settings.samplers}
         self.has_template = bool(self.llm.tokenizer is not None and self.llm.tokenizer.chat_template)
+        self.batches = 0
 
     def uses_chat(self, task: Task) -> bool:
         chat = self.settings.chat
@@ -196,55 +204,122 @@ class Evaluator:
             return self.llm.encode_messages(messages)
         return self.llm.encode(task.plain_prompt(sample))
 
-    def run_sample(self, task_name: str, index: int, sample: Sample, skip: Collection[str] = ()) -> list[dict]:
-        """Every sampler (but those in `skip`) on one sample, in the settings' order."""
+    def run_chunk(self, chunk: list[Work], turn: int, emit: Callable[[list[dict]], None]) -> list[dict[str, Any]]:
+        """Every sampler (but those a sample has done) on a chunk of one task's samples, a batch per sampler, the
+        sampler order rotated by `turn`. Records go to `emit` as requests finish; returns one line per batch."""
+        from depthwave.engine import Request
         from depthwave.samplers import SamplingParams
 
         s = self.settings
+        task_name = chunk[0][0]
         task = self.tasks[task_name]
         chat = self.uses_chat(task)
-        labels = [label for label in self.samplers if label not in skip]
-        base = {"task": task_name, "sample_id": sample.id, "index": index}
-        try:
-            ids = self.prompt_ids(task, sample)
-            params = SamplingParams(
-                temperature=s.temperature,
-                top_p=s.top_p,
-                top_k=s.top_k,
-                max_new_tokens=s.max_new_tokens or task.default_max_new_tokens,
-                stop=task.stops(chat),
-                seed=sample_seed(s.seed, index),
-            )
-        except DepthwaveError as exc:
-            return [failed({**base, "sampler": label}, exc) for label in labels]
-        records = []
-        for label in labels:
+        labels = list(self.samplers)
+        labels = labels[turn % len(labels) :] + labels[: turn % len(labels)]
+        prepared = []
+        for _, index, sample, skip in chunk:
+            base = {"task": task_name, "sample_id": sample.id, "index": index}
             try:
-                result = self.samplers[label].generate(ids, params)
-            except DepthwaveError as exc:  # e.g. a prompt longer than the model's context: recorded, run goes on
-                records.append(failed({**base, "sampler": label, "prompt_tokens": len(ids)}, exc))
+                ids = self.prompt_ids(task, sample)
+                params = SamplingParams(
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    top_k=s.top_k,
+                    max_new_tokens=s.max_new_tokens or task.default_max_new_tokens,
+                    stop=task.stops(chat),
+                    seed=sample_seed(s.seed, index),
+                )
+            except DepthwaveError as exc:
+                emit([failed({**base, "sampler": label}, exc) for label in labels if label not in skip])
                 continue
+            prepared.append((base, sample, ids, params, skip))
+        lines = []
+        for label in labels:
+            requests, owners = [], {}
+            for base, sample, ids, params, skip in prepared:
+                if label in skip:
+                    continue
+                request = Request(ids, params, self.samplers[label])
+                try:  # e.g. a prompt longer than the model's context: recorded, the run goes on
+                    self.llm.check(request)
+                except DepthwaveError as exc:
+                    emit([failed({**base, "sampler": label, "prompt_tokens": len(ids)}, exc)])
+                    continue
+                requests.append(request)
+                owners[request.request_id] = (base, sample)
+            if requests:
+                lines.append(self._batch(task_name, chat, label, requests, owners, emit))
+        return lines
+
+    def _batch(
+        self, task_name: str, chat: bool, label: str, requests: list, owners: dict, emit: Callable
+    ) -> dict[str, Any]:
+        """One sampler on one chunk: records as requests finish, and the batch's line."""
+        task = self.tasks[task_name]
+        self.batches += 1
+        batch_id = f"{os.getpid()}-{self.batches}"
+
+        def record(output: Any) -> None:
+            result = output.result
+            if result is None:
+                return
+            base, sample = owners[result.request_id]
             text = result.text if result.text is not None else ""
             score = task.score(sample, text, chat=chat)
             stats = result.stats
-            records.append(
-                {
-                    **base,
-                    "sampler": label,
-                    "correct": bool(score.correct),
-                    "extracted": score.extracted,
-                    "details": score.details,
-                    "completion": text,
-                    "finish_reason": result.finish_reason,
-                    "prompt_tokens": len(ids),
-                    "generated_tokens": stats.generated_tokens,
-                    "prefill_s": stats.prefill_time_s,
-                    "decode_s": stats.decode_time_s,
-                    "core_steps_per_token": stats.core_steps_per_token,
-                    "token_ids": result.token_ids,
-                }
+            emit(
+                [
+                    {
+                        **base,
+                        "sampler": label,
+                        "correct": bool(score.correct),
+                        "extracted": score.extracted,
+                        "details": score.details,
+                        "completion": text,
+                        "finish_reason": result.finish_reason,
+                        "prompt_tokens": stats.prompt_tokens,
+                        "generated_tokens": stats.generated_tokens,
+                        "prefill_s": stats.prefill_time_s,
+                        "decode_s": stats.decode_time_s,
+                        "core_steps_per_token": stats.core_steps_per_token,
+                        "token_ids": result.token_ids,
+                        "batch": batch_id,
+                    }
+                ]
             )
-        return records
+
+        _, totals = self.llm.run_with_stats(requests, progress=False, on_output=record)
+        return {
+            "batch": batch_id,
+            "task": task_name,
+            "sampler": label,
+            "requests": len(requests),
+            "max_num_seqs": self.settings.batch_size,
+            "decode_s": totals.decode_time_s,
+            "prefill_s": totals.prefill_time_s,
+            "decoded_tokens": totals.generated_tokens - totals.finished_requests,
+            "generated_tokens": totals.generated_tokens,
+        }
+
+
+Work = tuple[str, int, Sample, set[str]]
+
+
+def require_int(value: Any, name: str) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def chunks(work: list[Work], size: int) -> Iterator[list[Work]]:
+    """Consecutive samples of the same task, at most `size` at a time."""
+    chunk: list[Work] = []
+    for item in work:
+        if chunk and (len(chunk) == size or chunk[0][0] != item[0]):
+            yield chunk
+            chunk = []
+        chunk.append(item)
+    if chunk:
+        yield chunk
 
 
 def failed(record: dict[str, Any], exc: Exception) -> dict[str, Any]:
@@ -266,9 +341,9 @@ def failed(record: dict[str, Any], exc: Exception) -> dict[str, Any]:
     }
 
 
-def read_records(folder: Path) -> list[dict[str, Any]]:
-    """The records of an output folder; a last line cut short by an interruption is ignored."""
-    path = folder / RECORDS_FILE
+def read_records(folder: Path, name: str = RECORDS_FILE) -> list[dict[str, Any]]:
+    """The records (or batch lines) of an output folder; a last line cut short by an interruption is ignored."""
+    path = folder / name
     if not path.is_file():
         return []
     records = []
@@ -281,10 +356,10 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
 
 
 class RecordWriter:
-    """Appends records to samples.jsonl, each line flushed to disk before the next sample starts."""
+    """Appends records to samples.jsonl (or batch lines to batches.jsonl), each line flushed to disk at once."""
 
-    def __init__(self, folder: Path) -> None:
-        path = folder / RECORDS_FILE
+    def __init__(self, folder: Path, name: str = RECORDS_FILE) -> None:
+        path = folder / name
         # Drop a partial last line that an interruption may have left, so that appended lines start clean.
         if path.is_file():
             text = path.read_text()
@@ -339,40 +414,48 @@ def run_eval(
     ray_address: str | None = None,
     on_records: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) an evaluation into `folder`; returns the summary. `workers` > 1 spreads samples over Ray
-    workers, each with its own model replica (see `depthwave.eval.distributed`)."""
+    """Run (or resume) an evaluation into `folder`; returns the summary. `workers` > 1 spreads chunks of samples
+    over Ray workers, each with its own model replica (see `depthwave.eval.distributed`)."""
     done = prepare_folder(folder, settings)
     labels = [s.label for s in settings.samplers]
-    writer = RecordWriter(folder)
+    writer, batches = RecordWriter(folder), RecordWriter(folder, BATCHES_FILE)
+
+    def emit(records: list[dict[str, Any]]) -> None:
+        writer.write(records)
+        if on_records:
+            on_records(records)
+
     try:
+        tasks = {name: get_task(name) for name in settings.tasks}
+        work = list(pending_work(load_samples(settings, tasks), labels, done))
         if workers > 1 or ray_address:
             from depthwave.eval.distributed import run_distributed
 
-            tasks = {name: get_task(name) for name in settings.tasks}
-            work = list(pending_work(load_samples(settings, tasks), labels, done))
-            for records in run_distributed(settings, work, workers, ray_address):
-                writer.write(records)
-                if on_records:
-                    on_records(records)
+            for records, lines in run_distributed(
+                settings, list(chunks(work, settings.batch_size)), workers, ray_address
+            ):
+                emit(records)
+                batches.write(lines)
         else:
             evaluator = Evaluator(settings)
-            work = list(pending_work(load_samples(settings, evaluator.tasks), labels, done))
-            for task_name, index, sample, skip in work:
-                records = evaluator.run_sample(task_name, index, sample, skip)
-                writer.write(records)
-                if on_records:
-                    on_records(records)
+            for turn, chunk in enumerate(chunks(work, settings.batch_size)):
+                batches.write(evaluator.run_chunk(chunk, turn, emit))
     finally:
         writer.close()
-    summary = summarize(read_records(folder), settings)
+        batches.close()
+    summary = summarize(read_records(folder), settings, read_records(folder, BATCHES_FILE))
     (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     (folder / TABLE_FILE).write_text(markdown_table(summary))
     return summary
 
 
-def summarize(records: list[dict[str, Any]], settings: EvalSettings) -> dict[str, Any]:
+def summarize(
+    records: list[dict[str, Any]], settings: EvalSettings, batches: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Accuracy, generated tokens/s, prefill and recurrences per (task, sampler); speedup and accuracy change
-    against the baseline: the first sampler whose name is 'static', else the first sampler."""
+    against the baseline: the first sampler whose name is 'static', else the first sampler. tokens/s is the
+    batches' aggregate (decoded tokens over decode-pass time); records of an interrupted batch that wrote no batch
+    line count for accuracy only."""
     labels = [s.label for s in settings.samplers]
     baseline = next((s.label for s in settings.samplers if s.kind == "static"), labels[0])
     rows = []
@@ -383,8 +466,13 @@ def summarize(records: list[dict[str, Any]], settings: EvalSettings) -> dict[str
             if not mine:
                 continue
             ran = [r for r in mine if "error" not in r] or [failed({}, Exception())]
-            decoded = sum(max(r["generated_tokens"] - 1, 0) for r in ran)
-            decode_s = sum(r["decode_s"] for r in ran)
+            mine_batches = [b for b in batches or [] if b["task"] == task and b["sampler"] == label]
+            if mine_batches:
+                decoded = sum(b["decoded_tokens"] for b in mine_batches)
+                decode_s = sum(b["decode_s"] for b in mine_batches)
+            else:  # a run from before batching: one request at a time
+                decoded = sum(max(r["generated_tokens"] - 1, 0) for r in ran)
+                decode_s = sum(r["decode_s"] for r in ran)
             row = {
                 "task": task,
                 "sampler": label,
@@ -409,8 +497,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
     settings = summary["settings"]
     lines = [
         f"Model `{settings['model']}`, seed {settings['seed']}, temperature {settings['temperature']}; baseline "
-        f"`{summary['baseline']}`. tokens/s: generated tokens after the first over decode time; prefill ms: median "
-        "prompt time up to the first token. "
+        f"`{summary['baseline']}`, batches of {settings.get('batch_size', 1)}. tokens/s: generated tokens after "
+        "each request's first over the batches' decode time (aggregate); prefill ms: median per request, prompt "
+        "time up to the first token. "
         "Samples that failed to generate count as wrong (errors column).",
         "",
         "| task | sampler | n | errors | accuracy | Δ acc (pts) | tokens/s | speedup | prefill ms | recur/token |",

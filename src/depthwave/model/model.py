@@ -177,19 +177,23 @@ class RecurrentDepthModel(nn.Module):
         start: int = 0,
         last_only: bool = False,
         generator: torch.Generator | None = None,
+        at: Positions | None = None,
     ) -> ModelOutput:
-        """Full-depth pass over input_ids [B, S] at positions start..start+S-1 of cache rows 0..B-1
-        (`num_steps` defaults to `mean_recurrence`). `input_states` replaces the initial state (warm start)."""
+        """Full-depth pass over input_ids [B, S] at positions start..start+S-1 of cache rows 0..B-1, or at `at`
+        (per-row positions; padded rows' outputs are garbage). `num_steps` defaults to `mean_recurrence`;
+        `input_states` replaces the initial state (warm start)."""
         steps = self.config.mean_recurrence if num_steps is None else num_steps
         batch, length = input_ids.shape
-        at = self.positions([start] * batch, [length] * batch, cached=cache is not None)
+        if at is None:
+            at = self.positions([start] * batch, [length] * batch, cached=cache is not None)
         embedded = self.prelude(input_ids, at, cache)
         state = self.initial_state(embedded, init_scale, generator) if input_states is None else input_states
         state = self.recur(state, embedded, steps, at, cache)
         logits, latents = self.coda_logits(state, at, cache, last_only)
         if cache is not None:
-            for row in range(batch):
-                cache.set_length(row, start + length)
+            rows = range(at.rows.start, at.rows.start + batch) if isinstance(at.rows, slice) else at.rows.tolist()
+            for row, first, size in zip(rows, at.starts, at.sizes, strict=True):
+                cache.set_length(row, first + size)
         return ModelOutput(logits=logits, latents=latents, state=state)
 
     # ---- random initialisation (tests, benchmarks, training from scratch) ---------------------------------
