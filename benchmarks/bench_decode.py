@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from depthwave import HuginnConfig, KVCache, SamplingParams, StaticParams, StaticSampler, random_model
+from depthwave import HuginnConfig, KVPool, SamplingParams, StaticParams, StaticSampler, random_model
 from depthwave.model.loading import DTYPES
 from depthwave.model.model import RecurrentDepthModel
 
@@ -82,14 +82,15 @@ def core_step_timers(model: RecurrentDepthModel, mode: str, prompt_len: int, ste
     q·Kᵀ and p·V over the cached positions ("matmul")."""
     cfg = model.config
     device, dtype = model.device, model.dtype
-    cache = KVCache(cfg, prompt_len + 1, mode, steps, device=device, dtype=dtype)  # type: ignore[arg-type]
+    cache = KVPool(cfg, prompt_len + 1, mode, steps, device=device, dtype=dtype)  # type: ignore[arg-type]
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len + 1), device=device)
     model(ids[:, :prompt_len], steps, 0.0, cache=cache)
-    embedded = model.prelude(ids[:, prompt_len:], prompt_len, cache)
+    at = model.positions([prompt_len], [1])
+    embedded = model.prelude(ids[:, prompt_len:], at, cache)
     state = model.initial_state(embedded, 1.0)
 
     def step() -> None:
-        model.recur(state, embedded, steps, prompt_len, cache)
+        model.recur(state, embedded, steps, at, cache)
 
     x = torch.randn(1, 1, cfg.n_embd, device=device, dtype=dtype)
     x2 = torch.randn(1, 1, 2 * cfg.n_embd, device=device, dtype=dtype)

@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
                     "tokens": stats.generated_tokens,
                     "decode_s": stats.decode_time_s,
                     "prefill_s": stats.prefill_time_s,
-                    "sampler_steps": stats.extra.get("sampler_steps"),
-                    "mean_wavefront": stats.extra.get("mean_wavefront"),
+                    "sampler_steps": getattr(stats, "sampler_steps", None),
+                    "mean_wavefront": getattr(stats, "mean_wavefront", None),
                 }
             )
 

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from depthwave.model.cache import KVCache
 
 from depthwave.data.arithmetic import Problem, extract_answer, make_split
 from depthwave.data.tokenizer import question_prompt
 from depthwave.llm import LLM
+from depthwave.model.kv_cache import KVPool
 from depthwave.model.model import RecurrentDepthModel
 from depthwave.samplers import SamplingParams
 
@@ -74,9 +74,9 @@ def run_problems(
                     "prefill_s": result.stats.prefill_time_s,
                     "decode_s": result.stats.decode_time_s,
                     "core_steps_per_token": result.stats.core_steps_per_token,
-                    "sampler_steps": result.stats.extra.get("sampler_steps"),
-                    "mean_wavefront": result.stats.extra.get("mean_wavefront"),
-                    "acceptance_rate": result.stats.extra.get("acceptance_rate"),
+                    "sampler_steps": getattr(result.stats, "sampler_steps", None),
+                    "mean_wavefront": getattr(result.stats, "mean_wavefront", None),
+                    "acceptance_rate": getattr(result.stats, "acceptance_rate", None),
                 }
             )
         if (index + 1) % 25 == 0:
@@ -119,15 +119,16 @@ def tune(llm: LLM, problems: list[Problem], args: argparse.Namespace, static: Ro
 def model_work_ms(model: RecurrentDepthModel, rows: int, recurrences: int, position: int, repeats: int) -> float:
     """Median time of prelude + `recurrences` core steps + coda on `rows` positions after `position` cached ones."""
     config = model.config
-    cache = KVCache(config, position + rows, "shared", device=model.device, dtype=model.dtype)
+    cache = KVPool(config, position + rows, "shared", device=model.device, dtype=model.dtype)
     ids = torch.randint(0, config.vocab_size, (1, position + rows), generator=torch.Generator().manual_seed(0))
     model(ids[:, :position], 4, cache=cache)
     state = model.initial_state(torch.zeros(1, rows, config.n_embd, device=model.device, dtype=model.dtype))
+    at = model.positions([position], [rows])
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
-        embedded = model.prelude(ids[:, position:], position, cache)
-        model.coda_logits(model.recur(state, embedded, recurrences, position, cache), position, cache)
+        embedded = model.prelude(ids[:, position:], at, cache)
+        model.coda_logits(model.recur(state, embedded, recurrences, at, cache), at, cache)
         times.append(time.perf_counter() - began)
     return 1e3 * statistics.median(times)
 

@@ -196,7 +196,7 @@ def test_per_row_writes_and_rollback_match_separate_caches() -> None:
 
 def test_llm_generate_returns_results_in_input_order(llm: LLM) -> None:
     prompts = ["What is 3 + 4?", "A shop gets 5 stamps on Monday. It sells 2 stamps. How many stamps are left?"]
-    params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in (40, 4)]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n, seed=n) for n in (40, 4)]
     results = llm.generate(prompts, params, chat=True, progress=False)
     assert [len(r.token_ids) <= n for r, n in zip(results, (40, 4), strict=True)] == [True, True]
     assert results[1].finish_reason == "length" and len(results[1].token_ids) == 4
@@ -204,3 +204,47 @@ def test_llm_generate_returns_results_in_input_order(llm: LLM) -> None:
     assert results[0].text == llm.generate(prompts[0], params[0], chat=True)[0].text
     with pytest.raises(InvalidParameterError, match="sampling_params: 3 given for 2 prompts"):
         llm.generate(prompts, [params[0]] * 3)
+
+
+def test_a_bad_request_is_refused_at_once_and_the_batch_goes_on(llm: LLM, prompts: list[list[int]]) -> None:
+    sampler = SAMPLERS["diffusion"]
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, seed=5)  # random initial states: seeded
+    requests = [Request(p, params, sampler) for p in prompts[:2]]
+    engine = llm.engine(requests, "shared", max_num_seqs=4)
+    for request in requests:
+        engine.add(request)
+    engine.step()
+    bad = [
+        (Request([], params, sampler), PromptError, "the prompt is empty"),
+        (Request([1, 99999], params, sampler), PromptError, r"outside the vocabulary \[0, 592\)"),
+        (Request([1] * 300, params, sampler), PromptError, "the prompt has 300 tokens"),
+        (
+            Request(prompts[0], params, DiffusionParams(full_prefill=False, max_wavefront=4)),
+            InvalidParameterError,
+            "must fit in max_wavefront=4",
+        ),
+    ]
+    for request, error, message in bad:
+        with pytest.raises(error, match=message):
+            engine.add(request)
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=12)
+    with pytest.raises(InvalidParameterError, match="greedy relaxation"):
+        engine.add(Request(prompts[0], sampled, SpeculativeParams(cache_mode="shared", verification_threshold=0.5)))
+    with pytest.raises(InvalidParameterError, match="already in this engine"):
+        engine.add(requests[0])
+    results = {}
+    while engine.has_unfinished:
+        for output in engine.step():
+            if output.result is not None:
+                results[output.request_id] = output.result
+    for request in requests:
+        alone = llm.generate(request.prompt_token_ids, params, sampler=sampler)[0]
+        assert results[request.request_id].token_ids == alone.token_ids
+
+
+def test_stop_strings_need_a_tokenizer_and_are_refused_before_they_run() -> None:
+    model = random_model(micro_config(), seed=0)
+    engine = Engine(model, config=EngineConfig(max_num_seqs=2, max_model_len=64))
+    with pytest.raises(InvalidParameterError, match="stop strings need the model's tokenizer"):
+        engine.add_request([1, 2, 3], SamplingParams(stop=("x",), max_new_tokens=4))
+    assert not engine.has_unfinished

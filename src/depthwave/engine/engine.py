@@ -83,6 +83,8 @@ class EngineStats:
     """Requests summed over decode passes (divided by the passes: the mean batch occupancy)."""
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    decoded_tokens: int = 0
+    """Generated tokens after each request's first (which its prefill pass produces)."""
     finished_requests: int = 0
     max_running: int = 0
 
@@ -95,8 +97,7 @@ class EngineStats:
     @property
     def decode_tokens_per_s(self) -> float:
         """Generated tokens per second of decode passes (each request's first token comes from its prefill)."""
-        decoded = self.generated_tokens - self.finished_requests
-        return decoded / self.decode_time_s if self.decode_time_s > 0 else 0.0
+        return self.decoded_tokens / self.decode_time_s if self.decode_time_s > 0 else 0.0
 
 
 @dataclass
@@ -221,6 +222,12 @@ class Engine:
                 f"{self.pool.max_steps} (EngineConfig.max_steps)"
             )
         request.positions_needed, request.buffer_needed, request.budget = sizing.cache, sizing.buffer, sizing.budget
+        sampling = request.sampling
+        stops = frozenset(sampling.stop_token_ids) | (
+            frozenset() if sampling.ignore_eos else frozenset(self.ctx.stop_token_ids)
+        )
+        # Everything that can refuse a request does so here, before it shares a step with others.
+        request.output = Output(request.budget, StopCondition(stops, sampling.stop, self.tokenizer))
         self.scheduler.add(request)
         request.arrival_time = time.perf_counter()
         self.requests[request.request_id] = request
@@ -292,13 +299,8 @@ class Engine:
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _start(self, request: Request) -> None:
-        sampling = request.sampling
-        device = self.model.device
-        request.generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
-        stops = frozenset(sampling.stop_token_ids) | (
-            frozenset() if sampling.ignore_eos else frozenset(self.ctx.stop_token_ids)
-        )
-        request.output = Output(request.budget, StopCondition(stops, sampling.stop, self.tokenizer))
+        seed = request.sampling.seed
+        request.generator = None if seed is None else torch.Generator(self.model.device).manual_seed(seed)
         self.buffers.reset(request.row, request.prompt_token_ids)
         request.policy = request.sampler.policy_class()(request, self.ctx)
         request.policy.start()
@@ -316,6 +318,7 @@ class Engine:
         self.requests.pop(request.request_id, None)
         self.stats.finished_requests += 1
         self.stats.generated_tokens += len(result.token_ids)
+        self.stats.decoded_tokens += max(len(result.token_ids) - 1, 0)
         self.stats.prompt_tokens += len(request.prompt_token_ids)
         return StepOutput(request.request_id, fresh, True, result)
 

@@ -297,7 +297,7 @@ class Evaluator:
             "max_num_seqs": self.settings.batch_size,
             "decode_s": totals.decode_time_s,
             "prefill_s": totals.prefill_time_s,
-            "decoded_tokens": totals.generated_tokens - totals.finished_requests,
+            "decoded_tokens": totals.decoded_tokens,
             "generated_tokens": totals.generated_tokens,
         }
 

@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from depthwave.engine.buffers import RandomStates
 from depthwave.engine.policy import Chunk, EngineContext, ExitGroup, ExitRule, Policy, Sizing
 from depthwave.engine.request import GenerationStats, Request
 from depthwave.engine.selection import SamplingParams
@@ -251,17 +250,10 @@ class AdaptivePolicy(StaticPolicy):
     """Static decoding whose tokens each stop recurring when their exit criterion fires (at most `num_steps`)."""
 
     def __init__(self, request: Request, ctx: EngineContext) -> None:
-        Policy.__init__(self, request, ctx)
-        params: AdaptiveParams = request.sampler  # type: ignore[assignment]
-        model = ctx.model
-        self.params = params  # type: ignore[assignment]
-        self.num_steps = params.num_steps or model.config.mean_recurrence
-        self.random = RandomStates(model.config, params.init_scale, request.generator, model.device, model.dtype)
-        self.position = 0
-        self.warm = None
+        super().__init__(request, ctx)  # warm starts (continuous compute) from the raw state, as the reference
         self.steps_per_token: list[int] = []
         self.exits = 0
-        self.trace: list[list[float]] | None = [] if params.trace else None
+        self.trace: list[list[float]] | None = [] if request.sampler.trace else None  # type: ignore[attr-defined]
         self.shallowest = self.num_steps  # the fewest recurrences any cached position ran
         self.rule: ExitCriterion | None = None
 
@@ -290,16 +282,7 @@ class AdaptivePolicy(StaticPolicy):
         self.exits += self.rule.fired
         if self.trace is not None:
             self.trace.append(self.rule.values)
-        if self.params.continuous_compute:
-            chunk = result.chunks[index]
-            self.warm = result.wave_out[index, chunk.size - 1 : chunk.size]
-        output = self.request.output
-        assert output is not None
-        if output.emit(tokens):
-            self.finish("stop")
-        elif output.full:
-            self.finish("length")
-        self.position = result.chunks[index].start + result.chunks[index].size
+        super().update(tokens, result, index)
 
     def finalize_stats(self) -> AdaptiveStats:  # type: ignore[override]
         steps = self.steps_per_token

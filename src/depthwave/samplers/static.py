@@ -70,6 +70,7 @@ class StaticPolicy(Policy):
         self.random = RandomStates(model.config, params.init_scale, request.generator, model.device, model.dtype)
         self.position = 0
         self.warm: Tensor | None = None
+        self.warm_start = getattr(params, "warm_start", "raw")
 
     @staticmethod
     def size(params: StaticParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:
@@ -104,7 +105,8 @@ class StaticPolicy(Policy):
         elif output.full:
             self.finish("length")
         if self.params.continuous_compute:
-            latents = result.latents if self.params.warm_start == "normed" else result.wave_out
+            # The next token starts from this one's final latent (ln_f of it, or the raw state).
+            latents = result.latents if self.warm_start == "normed" else result.wave_out
             self.warm = latents[index, chunk.size - 1 : chunk.size]
         self.position = chunk.start + chunk.size
 
