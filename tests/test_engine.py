@@ -92,6 +92,9 @@ def test_mixed_samplers_share_steps(llm: LLM, prompts: list[list[int]]) -> None:
     """Requests of all four samplers (and different parameters) in one engine: each as it would be alone."""
     mix = [SAMPLERS[name] for name in SAMPLERS] * 2
     mix[4] = DiffusionParams(inner_recurrence=2, exit_threshold=0.05, max_wavefront=6)
+    # Adaptive rows whose checks fall on different recurrences, with latent and logit criteria in one group.
+    mix[5] = AdaptiveParams(criterion="latent-diff", min_steps=2, check_every=3, exit_threshold=0.05)
+    mix[7] = AdaptiveParams(criterion="argmax-stability", exit_threshold=3, num_steps=24)
     params = [SamplingParams(temperature=0.7 * (i % 2), max_new_tokens=20, seed=i) for i in range(8)]
     together = llm.generate(prompts[:8], params, sampler=mix, progress=False)
     for prompt, param, sampler, result in zip(prompts[:8], params, mix, together, strict=True):

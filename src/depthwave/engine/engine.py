@@ -131,6 +131,34 @@ class PassResult:
         return self.logits[self.logit_rows[index]]
 
 
+class LiveRows:
+    """The rows of an exit group that are still recurring, for its check: their states, sizes and predictions,
+    gathered only for the rows that are due."""
+
+    def __init__(self, engine: Engine, state: Tensor, at: Positions, local: list[int]) -> None:
+        self.engine, self.state, self.at, self.local = engine, state, at, local
+
+    def size(self, j: int) -> int:
+        return self.at.sizes[self.local[j]]
+
+    def _index(self, js: Sequence[int]) -> Tensor:
+        return torch.tensor([self.local[j] for j in js], device=self.state.device)
+
+    def states(self, js: Sequence[int]) -> Tensor:
+        """[n, S, D] states of rows js (indices into the group's live rows)."""
+        if [self.local[j] for j in js] == list(range(self.state.shape[0])):
+            return self.state
+        return self.state[self._index(js)]
+
+    def logits(self, js: Sequence[int]) -> Tensor:
+        """[n, V] next-token logits at the last real position of rows js (coda and head on their states)."""
+        index = self._index(js)
+        at = self.at.subset(index, self.engine._pool_rows(self.at, index))
+        coda_out, _ = self.engine.model.coda(self.state[index], at, self.engine.pool)
+        last = torch.tensor([size - 1 for size in at.sizes], device=coda_out.device)
+        return self.engine.model.head(coda_out[torch.arange(len(js), device=coda_out.device), last])
+
+
 def fetch(tensors: list[Tensor]) -> list[list[float]]:
     """The values of several device tensors in one transfer (the pass's one host synchronisation)."""
     if not tensors:
@@ -458,18 +486,12 @@ class Engine:
             for b in computed:
                 steps[b] += 1
             for group, members in exits:
-                here = [(k, b) for k, b in enumerate(computed) if b in members]
-                if not here:
-                    continue
-                local = torch.tensor([k for k, _ in here], device=wave.device)
-                sub_at = step_at.subset(local, self._pool_rows(step_at, local))
-
-                def logits(rows: Tensor, states: Tensor = state[local], sub: Positions = sub_at) -> Tensor:
-                    return self._last_logits(states, sub)
-
-                fired = group.check(i, [members[b] for _, b in here], state[local], sub_at, logits)
-                gone = {b for (_, b), exit_now in zip(here, fired, strict=True) if exit_now}
-                live = [b for b in live if b not in gone]
+                here = [(k, members[b]) for k, b in enumerate(computed) if b in members]
+                if here:
+                    rows = LiveRows(self, state, step_at, [k for k, _ in here])
+                    fired = group.check(i, [m for _, m in here], rows)
+                    gone = {computed[k] for (k, _), exit_now in zip(here, fired, strict=True) if exit_now}
+                    live = [b for b in live if b not in gone]
         if index is not None:
             full = full.index_copy(0, index, state)
         elif state is not full:
@@ -482,12 +504,6 @@ class Engine:
         if isinstance(rows, slice):
             return index + rows.start
         return rows[index]
-
-    def _last_logits(self, states: Tensor, at: Positions) -> Tensor:
-        """Coda and head for the last real position of each row (exit criteria that compare predictions)."""
-        coda_out, _ = self.model.coda(states, at, self.pool)
-        last = torch.tensor([size - 1 for size in at.sizes], device=states.device)
-        return self.model.head(coda_out[torch.arange(len(at.sizes), device=states.device), last])
 
     def _exit_groups(self, wave: Tensor, at: Positions, chunks: list[Chunk]) -> list[tuple[ExitGroup, dict[int, int]]]:
         by_class: dict[type, list[int]] = defaultdict(list)

@@ -91,9 +91,10 @@ class ExitRule(ABC):
 
 class ExitGroup(ABC):
     @abstractmethod
-    def check(self, step: int, live: Sequence[int], states: Tensor, at: Positions, logits: Any) -> list[bool]:
-        """After recurrence `step` (0-based), for the group's rows `live` (indices into the group) with their
-        states [n, S, D] and positions, which exit now. `logits(rows)` gives their last positions' logits."""
+    def check(self, step: int, live: Sequence[int], rows: Any) -> list[bool]:
+        """After recurrence `step` (0-based), which of the group's rows `live` (indices into the group) exit now.
+        `rows` (an `engine.LiveRows`) gives, for positions j in `live`, `states(js)`, `size(j)` and `logits(js)`
+        (the last real position's prediction), computed only when asked for."""
 
 
 @dataclass(frozen=True)

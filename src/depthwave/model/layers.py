@@ -27,7 +27,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # The reference normalises in fp32, rounds back to the activation dtype and only then scales. rms_norm
-        # without a weight computes in fp32 internally and rounds its output, so it gives the same bits in one op.
+        # without a weight computes in fp32 internally and rounds its output, so it gives the same bits in one op;
+        # in fp32 there is no rounding in between, and the scale can go inside (the same bits, one op fewer).
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 

@@ -213,22 +213,23 @@ class CriterionGroup(ExitGroup):
         for k, rule in enumerate(rules):
             rule.reset(initial[k : k + 1, : at.sizes[k]])
 
-    def check(self, step: int, live: Sequence[int], states: Tensor, at: Positions, logits: Any) -> list[bool]:
-        checked = [(j, k) for j, k in enumerate(live) if self.rules[k].checks(step)]
+    def check(self, step: int, live: Sequence[int], rows: Any) -> list[bool]:
+        due = [j for j, k in enumerate(live) if self.rules[live[j]].checks(step)]
         fired = [False] * len(live)
-        if not checked:
+        if not due:
             return fired
-        wanted = [j for j, k in checked if self.rules[k].uses_logits]
-        predictions = logits(torch.tensor(wanted, device=states.device)) if wanted else None
-        row_of = {j: n for n, j in enumerate(wanted)}
+        states = rows.states(due)
+        wanted = [n for n, j in enumerate(due) if self.rules[live[j]].uses_logits]
+        predictions = rows.logits([due[n] for n in wanted]) if wanted else None
+        row_of = {n: m for m, n in enumerate(wanted)}
         values = []
-        for j, k in checked:
-            rule = self.rules[k]
-            prediction = predictions[row_of[j]] if rule.uses_logits else None  # type: ignore[index]
-            values.append(rule.value(states[j : j + 1, : at.sizes[j]], prediction).float())
+        for n, j in enumerate(due):
+            rule = self.rules[live[j]]
+            prediction = predictions[row_of[n]] if rule.uses_logits else None  # type: ignore[index]
+            values.append(rule.value(states[n : n + 1, : rows.size(j)], prediction).float())
         # The exit decision is control flow: one transfer per checked recurrence, for all rows.
-        for (j, k), number in zip(checked, torch.stack(values).tolist(), strict=True):
-            fired[j] = self.rules[k].commit(number)
+        for j, number in zip(due, torch.stack(values).tolist(), strict=True):
+            fired[j] = self.rules[live[j]].commit(number)
         return fired
 
 
