@@ -9,10 +9,19 @@ through the same engine). Every (threads, sampler, B) configuration runs in ever
 repeat, so machine noise hits all alike; the table shows medians over repeats.
 
 Columns: decode tokens/s = generated tokens after each request's first (which its prefill produces) over the wall
-time of the decode passes, summed over the whole run (aggregate, not per request); prefill = the wall time of the
+time of the decode passes, summed over the whole run (aggregate, not per request); full-batch tokens/s = the same
+over only the decode passes with all B rows busy (the steady state of a loaded server; the rest of a run is the
+batch filling and draining), with the share of decode time they took; prefill = the wall time of the
 prefill passes and prompt tokens per second of it; end to end = all generated tokens over the run's wall time;
 speedup = decode tokens/s over B = 1's at the same thread count; rows/pass = mean requests per decode pass;
 ms/pass = mean decode pass time; accuracy = problems answered right (it must not depend on B).
+
+Where the curve flattens: per (threads, sampler), a least-squares line through (rows/pass, ms/pass) splits a
+decode pass into a fixed cost (what every pass pays whatever its rows: per-op overhead of the layer calls) and a
+cost per row (the row's arithmetic and its attention reads). Throughput is then rows / (fixed + rows · per row),
+which flattens towards 1 / per-row as the fixed cost is spread thin; "at full rows" is the speedup the line
+predicts with every row busy, against the measured one, which also pays for the batch draining at the end of a
+finite run (fewer rows per pass than B).
 """
 
 from __future__ import annotations
@@ -53,6 +62,8 @@ def run(llm: LLM, sampler: str, prompts: list[list[int]], answers: list[int], ba
     correct = sum(extract_answer(r.text or "") == a for r, a in zip(results, answers, strict=True))
     return {
         "decode_tokens_per_s": s.decode_tokens_per_s,
+        "full_batch_tokens_per_s": s.full_pass_tokens_per_s,
+        "full_batch_pass_share": s.full_pass_time_s / s.decode_time_s if s.decode_time_s else 0.0,
         "prefill_s": s.prefill_time_s,
         "prefill_tokens_per_s": s.prompt_tokens / s.prefill_time_s if s.prefill_time_s else 0.0,
         "end_to_end_tokens_per_s": generated / wall,
@@ -64,6 +75,32 @@ def run(llm: LLM, sampler: str, prompts: list[list[int]], answers: list[int], ba
         "generated_tokens": generated,
         "accuracy": correct / len(results),
     }
+
+
+def cost_lines(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (threads, sampler): ms/pass = fixed + per_row · rows/pass, least squares over the batch sizes."""
+    fits = []
+    for key in sorted({(r["threads"], r["sampler"]) for r in table}):
+        rows = [r for r in table if (r["threads"], r["sampler"]) == key]
+        if len(rows) < 2:
+            continue
+        xs, ys = [r["rows_per_decode_pass"] for r in rows], [r["ms_per_decode_pass"] for r in rows]
+        mx, my = statistics.mean(xs), statistics.mean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+        fixed = my - slope * mx
+        one = fixed + slope  # one row per pass
+        fits.append(
+            {
+                "threads": key[0],
+                "sampler": key[1],
+                "fixed_ms": fixed,
+                "ms_per_row": slope,
+                "ceiling_speedup": one / slope,
+                "full_rows_speedup": {r["batch"]: r["batch"] * one / (fixed + slope * r["batch"]) for r in rows},
+                "measured_speedup": {r["batch"]: r["speedup"] for r in rows},
+            }
+        )
+    return fits
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,6 +164,16 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['prefill_tokens_per_s']:.0f} | {r['end_to_end_tokens_per_s']:.1f} | {r['rows_per_decode_pass']:.1f} | "
             f"{r['ms_per_decode_pass']:.2f} | {100 * r['accuracy']:.1f}% |"
         )
+    fits = cost_lines(table)
+    print()
+    print("| threads | sampler | fixed ms/pass | ms per row | ceiling (B → ∞) | B=16 at full rows | B=16 measured |")
+    print("|---|---|---|---|---|---|---|")
+    for fit in fits:
+        print(
+            f"| {fit['threads']} | {fit['sampler']} | {fit['fixed_ms']:.2f} | {fit['ms_per_row']:.3f} | "
+            f"{fit['ceiling_speedup']:.1f}× | {fit['full_rows_speedup'].get(16, 0):.2f}× | "
+            f"{fit['measured_speedup'].get(16, 0):.2f}× |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -138,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                 },
                 "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "rows": table,
+                "cost_lines": fits,
             },
             indent=1,
         )

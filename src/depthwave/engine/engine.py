@@ -81,6 +81,9 @@ class EngineStats:
     decode_time_s: float = 0.0
     decode_rows: int = 0
     """Requests summed over decode passes (divided by the passes: the mean batch occupancy)."""
+    full_pass_time_s: float = 0.0
+    full_pass_tokens: int = 0
+    """Decode passes with every row busy, and the tokens they made final: the steady state of a loaded engine."""
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decoded_tokens: int = 0
@@ -98,6 +101,10 @@ class EngineStats:
     def decode_tokens_per_s(self) -> float:
         """Generated tokens per second of decode passes (each request's first token comes from its prefill)."""
         return self.decoded_tokens / self.decode_time_s if self.decode_time_s > 0 else 0.0
+
+    @property
+    def full_pass_tokens_per_s(self) -> float:
+        return self.full_pass_tokens / self.full_pass_time_s if self.full_pass_time_s > 0 else 0.0
 
 
 @dataclass
@@ -295,10 +302,13 @@ class Engine:
         if before:
             self._pass(scheduler.running[:before], slice(0, before), prefill=False)
         self.stats.max_running = max(self.stats.max_running, len(scheduler.running))
+        full = before == self.config.max_num_seqs
         outputs, self._aborted = self._aborted, []
-        for request in list(scheduler.running):
+        for row, request in enumerate(list(scheduler.running)):
             assert request.output is not None and request.policy is not None
             fresh = request.output.take_fresh()
+            if full and row < before:
+                self.stats.full_pass_tokens += len(fresh)
             if request.policy.done:
                 # The result reads the row (recurrence counts), so it is built before the row is freed.
                 outputs.append(self._finished_output(request, fresh))
@@ -410,6 +420,8 @@ class Engine:
             self.stats.decode_passes += 1
             self.stats.decode_time_s += elapsed
             self.stats.decode_rows += len(requests)
+            if len(requests) == self.config.max_num_seqs:
+                self.stats.full_pass_time_s += elapsed
         for request in requests:
             if request.first_token_time is None and request.output is not None and request.output.tokens:
                 request.first_token_time = now

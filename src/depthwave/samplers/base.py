@@ -102,8 +102,8 @@ def last_true(mask: Tensor) -> Tensor:
     return (ranks * mask).amax(dim=-1) if mask.shape[-1] else mask.new_zeros(mask.shape[:-1], dtype=torch.long)
 
 
-def scatter_tokens(buffer: Tensor, rows: list[int], positions: list[int], values: Tensor) -> None:
-    """buffer[rows[i], positions[i]] = values[i] in one write."""
+def scatter_rows(buffer: Tensor, rows: list[int], positions: list[int], values: Tensor) -> None:
+    """buffer[rows[i], positions[i]] = values[i] in one write (tokens, or states of a [rows, positions, D] buffer)."""
     if rows:
         device = buffer.device
         buffer[torch.tensor(rows, device=device), torch.tensor(positions, device=device)] = values

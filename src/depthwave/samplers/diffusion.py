@@ -40,7 +40,7 @@ from depthwave.engine.selection import SamplingParams
 from depthwave.errors import InvalidParameterError, is_int, is_number, require
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
-from depthwave.samplers.base import Sampler, cat, last_true, scatter_tokens, token_budget
+from depthwave.samplers.base import Sampler, cat, last_true, scatter_rows, token_budget
 from depthwave.samplers.quirks import DiffusionQuirks, diffusion_quirks
 
 FreezeRule = Literal["latent-diff", "fixed", "token-stability", "latent-acceleration"]
@@ -470,23 +470,21 @@ class DiffusionPolicy(Policy):
             self.finish("length")
 
     # ---- per-row helpers: opening positions, the rarer freeze rules ------------------------------------
-    def _open_positions(self, wave_out: Tensor) -> list[Tensor]:
-        """Open `headway` new positions at the front: random tokens beyond the first proposal (headway > 1) and fresh
-        states (or copies of the newest states with continuous compute)."""
+    def _open_positions(self, wave_out: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Open `headway` new positions at the front: random tokens beyond the first proposal (headway > 1), and
+        the new positions' states (fresh, or copies of the newest states with continuous compute), which the caller
+        writes for all rows at once. Returns (the random tokens, if any; the states [headway, D])."""
         params, w, buffers = self.params, self.window, self.ctx.buffers
         headway, extras = params.headway, []
-        fill_from = w.frozen + w.size - max(w.frozen - 1 - w.start, 0)
         if headway > 1:
+            fill_from = w.frozen + w.size - max(w.frozen - 1 - w.start, 0)
             vocab = 65510 if self.quirks.random_tokens_below_65510 else self.ctx.model.config.vocab_size
             random = torch.randint(0, vocab, (headway - 1,), generator=self.request.generator, device=buffers.device)
             buffers.tokens[self.row, fill_from : fill_from + headway - 1] = random
             extras.append(random)
-        front = w.start + w.size
         if params.continuous_compute and w.size >= headway:
-            buffers.states[self.row, front : front + headway] = wave_out[w.size - headway : w.size]
-        else:
-            buffers.states[self.row, front : front + headway] = self.random.take(headway)
-        return extras
+            return extras, wave_out[w.size - headway : w.size]
+        return extras, self.random.take(headway)
 
     def _count_agreement(self, proposals: Tensor) -> None:
         """token-stability: every frozen position gains one, every proposal that repeats the token it replaces too."""
@@ -583,10 +581,17 @@ def _after_steps(members: list[tuple[DiffusionPolicy, int]], result) -> list[Ten
         count = w.size - max(w.frozen - 1 - w.start, 0)
         rows.extend([policy.row] * count)
         places.extend(range(w.frozen, w.frozen + count))
-    scatter_tokens(buffers.tokens, rows, places, proposals)
+    scatter_rows(buffers.tokens, rows, places, proposals)
     extras: list[Tensor] = []
+    opened, rows, places = [], [], []
     for n, (policy, _) in enumerate(members):
-        extras.extend(policy._open_positions(wave_out[n]))
+        tokens, states = policy._open_positions(wave_out[n])
+        extras.extend(tokens)
+        opened.append(states)
+        front = policy.window.start + policy.window.size
+        rows.extend([policy.row] * len(states))
+        places.extend(range(front, front + len(states)))
+    scatter_rows(buffers.states, rows, places, cat(opened))
     width = wave_out.shape[1]
     decisions = torch.zeros(len(members), 3, dtype=torch.long, device=device)
     if any(p.params.freeze == "latent-diff" for p, _ in members):

@@ -14,7 +14,7 @@ from depthwave.engine.selection import SamplingParams
 from depthwave.errors import is_int, is_number, require
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
-from depthwave.samplers.base import Sampler, cat, scatter_tokens, token_budget
+from depthwave.samplers.base import Sampler, cat, scatter_rows, token_budget
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class StaticPolicy(Policy):
         tokens = [result.tokens_of(index) for _, index in members]
         rows = [policy.row for policy, _ in members]
         ends = [result.chunks[index].start + result.chunks[index].size for _, index in members]
-        scatter_tokens(members[0][0].ctx.buffers.tokens, rows, ends, cat(tokens))
+        scatter_rows(members[0][0].ctx.buffers.tokens, rows, ends, cat(tokens))
         return tokens
 
     def update(self, tokens: list[int], result, index: int) -> None:  # type: ignore[no-untyped-def]
