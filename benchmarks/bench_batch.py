@@ -77,6 +77,52 @@ def run(llm: LLM, sampler: str, prompts: list[list[int]], answers: list[int], ba
     }
 
 
+def summarize(configs: list[tuple], measured: dict[tuple, list[dict]]) -> list[dict[str, Any]]:
+    """Medians over repeats per configuration, and speedups against B = 1 (same threads, and the best B = 1)."""
+    table = []
+    for threads, sampler, batch in configs:
+        runs = measured[(threads, sampler, batch)]
+        row: dict[str, Any] = {"threads": threads, "sampler": sampler, "batch": batch, "runs": runs}
+        for key in runs[0]:
+            row[key] = statistics.median(r[key] for r in runs)
+        table.append(row)
+    for row in table:
+        base = next(
+            r for r in table if r["threads"] == row["threads"] and r["sampler"] == row["sampler"] and r["batch"] == 1
+        )
+        row["speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        row["full_batch_speedup"] = row["full_batch_tokens_per_s"] / base["decode_tokens_per_s"]
+        best = max(r["decode_tokens_per_s"] for r in table if r["sampler"] == row["sampler"] and r["batch"] == 1)
+        row["speedup_vs_best_batch1"] = row["decode_tokens_per_s"] / best
+    return table
+
+
+def print_tables(table: list[dict[str, Any]], fits: list[dict[str, Any]]) -> None:
+    print()
+    print(
+        "| threads | sampler | B | decode tok/s | speedup | vs best B=1 | full-batch tok/s (share of decode) | "
+        "full-batch speedup | prefill s | prefill tok/s | end-to-end tok/s | rows/pass | ms/pass | accuracy |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(
+            f"| {r['threads']} | {r['sampler']} | {r['batch']} | {r['decode_tokens_per_s']:.1f} | "
+            f"{r['speedup']:.2f}× | {r['speedup_vs_best_batch1']:.2f}× | {r['full_batch_tokens_per_s']:.1f} "
+            f"({100 * r['full_batch_pass_share']:.0f}%) | {r['full_batch_speedup']:.2f}× | {r['prefill_s']:.2f} | "
+            f"{r['prefill_tokens_per_s']:.0f} | {r['end_to_end_tokens_per_s']:.1f} | {r['rows_per_decode_pass']:.1f} | "
+            f"{r['ms_per_decode_pass']:.2f} | {100 * r['accuracy']:.1f}% |"
+        )
+    print()
+    print("| threads | sampler | fixed ms/pass | ms per row | ceiling (B → ∞) | B=16 at full rows | B=16 measured |")
+    print("|---|---|---|---|---|---|---|")
+    for fit in fits:
+        print(
+            f"| {fit['threads']} | {fit['sampler']} | {fit['fixed_ms']:.2f} | {fit['ms_per_row']:.3f} | "
+            f"{fit['ceiling_speedup']:.1f}× | {fit['full_rows_speedup'].get(16, 0):.2f}× | "
+            f"{fit['measured_speedup'].get(16, 0):.2f}× |"
+        )
+
+
 def cost_lines(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (threads, sampler): ms/pass = fixed + per_row · rows/pass, least squares over the batch sizes."""
     fits = []
@@ -113,7 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_batch.json")
+    parser.add_argument("--reprint", type=Path, help="print the tables of a saved run's JSON instead of measuring")
     args = parser.parse_args(argv)
+    if args.reprint:
+        saved = json.loads(args.reprint.read_text())
+        configs = [(r["threads"], r["sampler"], r["batch"]) for r in saved["rows"]]
+        table = summarize(configs, {c: r["runs"] for c, r in zip(configs, saved["rows"], strict=True)})
+        print_tables(table, cost_lines(table))
+        return
 
     llm = LLM(args.model, device="cpu")
     rows = [json.loads(line) for line in TEST_SET.read_text().splitlines()[: args.problems]]
@@ -136,44 +189,9 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
 
-    table = []
-    for threads_, sampler, batch in configs:
-        runs = measured[(threads_, sampler, batch)]
-        row: dict[str, Any] = {"threads": threads_, "sampler": sampler, "batch": batch, "runs": runs}
-        for key in runs[0]:
-            row[key] = statistics.median(r[key] for r in runs)
-        table.append(row)
-    for row in table:
-        base = next(
-            r for r in table if r["threads"] == row["threads"] and r["sampler"] == row["sampler"] and r["batch"] == 1
-        )
-        row["speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        best = max(r["decode_tokens_per_s"] for r in table if r["sampler"] == row["sampler"] and r["batch"] == 1)
-        row["speedup_vs_best_batch1"] = row["decode_tokens_per_s"] / best
-
-    print()
-    print(
-        "| threads | sampler | B | decode tok/s | speedup | vs best B=1 | prefill s | prefill tok/s | "
-        "end-to-end tok/s | rows/pass | ms/pass | accuracy |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in table:
-        print(
-            f"| {r['threads']} | {r['sampler']} | {r['batch']} | {r['decode_tokens_per_s']:.1f} | "
-            f"{r['speedup']:.2f}× | {r['speedup_vs_best_batch1']:.2f}× | {r['prefill_s']:.2f} | "
-            f"{r['prefill_tokens_per_s']:.0f} | {r['end_to_end_tokens_per_s']:.1f} | {r['rows_per_decode_pass']:.1f} | "
-            f"{r['ms_per_decode_pass']:.2f} | {100 * r['accuracy']:.1f}% |"
-        )
+    table = summarize(configs, measured)
     fits = cost_lines(table)
-    print()
-    print("| threads | sampler | fixed ms/pass | ms per row | ceiling (B → ∞) | B=16 at full rows | B=16 measured |")
-    print("|---|---|---|---|---|---|---|")
-    for fit in fits:
-        print(
-            f"| {fit['threads']} | {fit['sampler']} | {fit['fixed_ms']:.2f} | {fit['ms_per_row']:.3f} | "
-            f"{fit['ceiling_speedup']:.1f}× | {fit['full_rows_speedup'].get(16, 0):.2f}× | "
-            f"{fit['measured_speedup'].get(16, 0):.2f}× |"
-        )
+    print_tables(table, fits)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
