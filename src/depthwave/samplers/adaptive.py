@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,9 @@ from depthwave.model.kv_cache import CACHE_MODES, CacheMode
 from depthwave.model.positions import Positions
 from depthwave.samplers.base import Sampler, token_budget
 from depthwave.samplers.static import StaticPolicy
+
+if TYPE_CHECKING:
+    from depthwave.engine.engine import PassResult
 
 Criterion = Literal["latent-diff", "kl", "minp-kl", "entropy-diff", "argmax-stability", "cosine", "none"]
 AUTO_THRESHOLDS: dict[str, float] = {
@@ -275,7 +278,7 @@ class AdaptivePolicy(StaticPolicy):
             chunk.hide_below = self.shallowest
         return chunk
 
-    def update(self, tokens: list[int], result, index: int) -> None:  # type: ignore[no-untyped-def]
+    def update(self, tokens: list[int], result: PassResult, index: int) -> None:
         steps = result.steps[index]
         assert self.rule is not None
         self.steps_per_token.append(steps)

@@ -27,8 +27,9 @@ decision itself, a pure function of the window and those numbers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
@@ -42,6 +43,9 @@ from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
 from depthwave.samplers.base import Sampler, cat, last_true, scatter_rows, token_budget
 from depthwave.samplers.quirks import DiffusionQuirks, diffusion_quirks
+
+if TYPE_CHECKING:
+    from depthwave.engine.engine import PassResult
 
 FreezeRule = Literal["latent-diff", "fixed", "token-stability", "latent-acceleration"]
 FREEZE_RULES: tuple[str, ...] = ("latent-diff", "fixed", "token-stability", "latent-acceleration")
@@ -294,29 +298,27 @@ class DiffusionPolicy(Policy):
 
     # ---- after a pass: device work for all diffusion rows, then each row's decision ---------------------------
     @classmethod
-    def prepare(cls, members: list[tuple[Policy, int]], result) -> list[Tensor]:  # type: ignore[no-untyped-def]
-        prefill = [(p, i) for p, i in members if p.phase == "prefill"]  # type: ignore[attr-defined]
-        steps = [(p, i) for p, i in members if p.phase == "step"]  # type: ignore[attr-defined]
-        fetched = [policy._after_prefill(index, result) for policy, index in prefill]  # type: ignore[attr-defined]
+    def prepare(cls, members: list[tuple[Policy, int]], result: PassResult) -> list[Tensor]:
+        prefill, steps = _by_phase(members)
+        fetched = [policy._after_prefill(index, result) for policy, index in prefill]
         if steps:
-            fetched.extend(_after_steps(steps, result))  # type: ignore[arg-type]
+            fetched.extend(_after_steps(steps, result))
         return fetched
 
     @classmethod
-    def decide(cls, members: list[tuple[Policy, int]], fetched: list[list[float]], result) -> None:  # type: ignore[no-untyped-def]
-        prefill = [(p, i) for p, i in members if p.phase == "prefill"]  # type: ignore[attr-defined]
-        steps = [(p, i) for p, i in members if p.phase == "step"]  # type: ignore[attr-defined]
+    def decide(cls, members: list[tuple[Policy, int]], fetched: list[list[float]], result: PassResult) -> None:
+        prefill, steps = _by_phase(members)
         for (policy, _), values in zip(prefill, fetched, strict=False):
-            policy._prefilled(int(values[0]))  # type: ignore[attr-defined]
+            policy._prefilled(int(values[0]))
         if steps:
             proposals, decisions, *rest = fetched[len(prefill) :]
-            opened = sum(p.params.headway > 1 for p, _ in steps)  # type: ignore[attr-defined]
+            opened = sum(p.params.headway > 1 for p, _ in steps)
             randoms, traced = iter(rest[:opened]), iter(rest[opened:])
             first = 0
             for n, (policy, index) in enumerate(steps):
                 chunk = result.chunks[index]
                 count = chunk.logits_rows
-                policy._stepped(  # type: ignore[attr-defined]
+                policy._stepped(
                     chunk,
                     [int(v) for v in proposals[first : first + count]],
                     [int(v) for v in decisions[3 * n : 3 * n + 3]],
@@ -325,7 +327,7 @@ class DiffusionPolicy(Policy):
                 )
                 first += count
 
-    def _after_prefill(self, index: int, result) -> Tensor:  # type: ignore[no-untyped-def]
+    def _after_prefill(self, index: int, result: PassResult) -> Tensor:
         buffers, n = self.ctx.buffers, self.prompt_len
         token = result.tokens_of(index)
         buffers.tokens[self.row, n] = token[0]
@@ -352,7 +354,9 @@ class DiffusionPolicy(Policy):
             return
         self._continue_or_finish()
 
-    def _stepped(self, chunk: Chunk, proposals: list[int], decision: list[int], randoms, traced) -> None:  # type: ignore[no-untyped-def]
+    def _stepped(
+        self, chunk: Chunk, proposals: list[int], decision: list[int], randoms: Iterator, traced: Iterator
+    ) -> None:
         params, quirks, w = self.params, self.quirks, self.window
         start, size = w.start, w.size
         frozen_before = w.frozen
@@ -558,7 +562,16 @@ class DiffusionPolicy(Policy):
         )
 
 
-def _after_steps(members: list[tuple[DiffusionPolicy, int]], result) -> list[Tensor]:  # type: ignore[no-untyped-def]
+Members = list[tuple[DiffusionPolicy, int]]
+
+
+def _by_phase(members: list[tuple[Policy, int]]) -> tuple[Members, Members]:
+    """A pass's diffusion rows that ran their prefill, and those that ran a sampler step."""
+    rows = cast(Members, members)
+    return [m for m in rows if m[0].phase == "prefill"], [m for m in rows if m[0].phase == "step"]
+
+
+def _after_steps(members: list[tuple[DiffusionPolicy, int]], result: PassResult) -> list[Tensor]:
     """A sampler step's device work for every diffusion row of a pass: store the proposals, open the new positions,
     and compute what the freeze rules compare. Returns [proposals, decisions [B, 3], then per row: headway
     tokens (if any), trace values (if traced)]."""
@@ -635,7 +648,7 @@ def _latent_diff_last(members: list[tuple[DiffusionPolicy, int]], wave_in: Tenso
 
 def _trace_values(
     members: list[tuple[DiffusionPolicy, int]], wave_in: Tensor, wave_out: Tensor, result
-) -> list[Tensor]:  # type: ignore[no-untyped-def]
+) -> list[Tensor]:
     """Per traced row: its latent changes (as compared) and its positions' recurrence counts."""
     out = []
     for n, (policy, _) in enumerate(members):

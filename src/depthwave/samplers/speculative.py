@@ -24,8 +24,9 @@ that follows the first token.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -39,6 +40,9 @@ from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
 from depthwave.samplers.base import Sampler, token_budget
 from depthwave.samplers.quirks import speculative_quirks
+
+if TYPE_CHECKING:
+    from depthwave.engine.engine import PassResult
 
 
 @dataclass(frozen=True)
@@ -181,20 +185,20 @@ class SpeculativePolicy(Policy):
         return Chunk(self.length - 1, fed, self.num_steps, 0, init=self.random.take(fed), select=False)
 
     @classmethod
-    def prepare(cls, members: list[tuple[Policy, int]], result) -> list[Tensor]:  # type: ignore[no-untyped-def]
+    def prepare(cls, members: list[tuple[Policy, int]], result: PassResult) -> list[Tensor]:
         fetched: list[Tensor] = []
         for policy, index in members:
             fetched.extend(policy._device_work(index, result))  # type: ignore[attr-defined]
         return fetched
 
     @classmethod
-    def decide(cls, members: list[tuple[Policy, int]], fetched: list[list[float]], result) -> None:  # type: ignore[no-untyped-def]
+    def decide(cls, members: list[tuple[Policy, int]], fetched: list[list[float]], result: PassResult) -> None:
         values = iter(fetched)
         for policy, _ in members:
             policy._host_work(values)  # type: ignore[attr-defined]
 
     # ---- after each pass ----------------------------------------------------------------------------------
-    def _device_work(self, index: int, result) -> list[Tensor]:  # type: ignore[no-untyped-def]
+    def _device_work(self, index: int, result: PassResult) -> list[Tensor]:
         tokens = self.tokens
         if self.phase == "prefill":
             tokens[self.prompt_len] = result.tokens_of(index)[0]
@@ -227,7 +231,7 @@ class SpeculativePolicy(Policy):
             tokens[self.length + accepted] = correction
         return [torch.stack((accepted, correction)), tokens[self.length : self.length + k]]
 
-    def _host_work(self, values) -> None:  # type: ignore[no-untyped-def]
+    def _host_work(self, values: Iterator[list[float]]) -> None:
         output = self.request.output
         assert output is not None
         if self.phase == "prefill":

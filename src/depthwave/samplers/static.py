@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from torch import Tensor
 
@@ -15,6 +15,9 @@ from depthwave.errors import is_int, is_number, require
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
 from depthwave.samplers.base import Sampler, cat, scatter_rows, token_budget
+
+if TYPE_CHECKING:
+    from depthwave.engine.engine import PassResult
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,14 @@ class StaticPolicy(Policy):
         return Chunk(self.position, size, self.num_steps, size - 1, init=init, context=end)
 
     @classmethod
-    def prepare(cls, members: list[tuple[Policy, int]], result) -> list[Tensor]:  # type: ignore[no-untyped-def]
+    def prepare(cls, members: list[tuple[Policy, int]], result: PassResult) -> list[Tensor]:
         tokens = [result.tokens_of(index) for _, index in members]
         rows = [policy.row for policy, _ in members]
         ends = [result.chunks[index].start + result.chunks[index].size for _, index in members]
         scatter_rows(members[0][0].ctx.buffers.tokens, rows, ends, cat(tokens))
         return tokens
 
-    def update(self, tokens: list[int], result, index: int) -> None:  # type: ignore[no-untyped-def]
+    def update(self, tokens: list[int], result: PassResult, index: int) -> None:
         chunk = result.chunks[index]
         output = self.request.output
         assert output is not None
