@@ -458,6 +458,92 @@ def sweep(
     typer.echo(f"plots in {out}", err=True)
 
 
+def parse_sampler_flags(args: list[str]) -> dict[str, Any]:
+    """`--inner-recurrence 8 --exit-threshold=0.05 --continuous-compute --no-full-prefill` as sampler parameters."""
+    from depthwave.eval.harness import parse_literal
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            _fail(f"unexpected argument {arg!r}; sampler parameters are given as --name value")
+        name, eq, value = arg[2:].partition("=")
+        key = name.replace("-", "_")
+        if eq:
+            out[key] = parse_literal(value)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[key] = parse_literal(args[i + 1])
+            i += 1
+        elif key.startswith("no_"):
+            out[key[3:]] = False
+        else:
+            out[key] = True
+        i += 1
+    return out
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="'builtin', a model folder or a hub id.")] = "builtin",
+    host: Annotated[str, typer.Option(help="Interface to listen on (loopback unless told otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="The model id clients use (default: --model).")] = None,
+    sampler: Annotated[
+        str, typer.Option(help="Default sampler; its parameters follow as flags, e.g. --inner-recurrence 8.")
+    ] = "diffusion",
+    device: Annotated[str | None, typer.Option()] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    max_num_seqs: Annotated[int, typer.Option(help="Requests in the batch at once (engine rows).")] = 64,
+    max_model_len: Annotated[int | None, typer.Option(help="Cached positions per request (default: context).")] = None,
+    max_waiting: Annotated[int, typer.Option(help="Waiting requests before new ones get 429.")] = 256,
+    max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1 << 20,
+    shutdown_grace: Annotated[float, typer.Option(help="Seconds running requests get to finish on SIGTERM.")] = 30.0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+) -> None:
+    """Serve the model over the OpenAI HTTP API (completions, chat completions, streaming) with continuous
+    batching. Sampler flags after the options set the default sampler's parameters; a request may choose its own
+    with the body fields `sampler` and the parameters' names (`extra_body` in the openai client)."""
+    try:
+        import uvicorn
+
+        from depthwave.llm import LLM
+        from depthwave.serve.app import ServeSettings, create_app
+    except ImportError as exc:
+        _fail(f"the server needs the serve extra (pip install 'depthwave[serve]'): {exc}")
+        return
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    flags = parse_sampler_flags(ctx.args)
+    if sampler in ("static", "speculative"):
+        flags.setdefault("cache_mode", "shared")  # the server's engine runs the shared cache
+    try:
+        default = LLM.sampler_params(sampler, **flags)
+        settings = ServeSettings(
+            model=model,
+            served_model_name=served_model_name,
+            sampler=default,
+            device=device,
+            dtype=None if dtype == "auto" else dtype,
+            api_key=api_key,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            max_waiting=max_waiting,
+            max_body_bytes=max_body_bytes,
+        )
+    except DepthwaveError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"depthwave: serving {settings.name} on http://{host}:{port}/v1 (default sampler {sampler})", err=True)
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_grace
+    )
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def train(ctx: typer.Context) -> None:
     """Train a recurrent-depth model with the Huginn recipe (see `depthwave train --help`)."""

@@ -43,7 +43,8 @@ class LLM:
         self.max_num_seqs = max_num_seqs
 
     # ---- samplers -----------------------------------------------------------------------------------------
-    def sampler_params(self, name: str = DEFAULT_SAMPLER, **params: Any) -> Any:
+    @staticmethod
+    def sampler_params(name: str = DEFAULT_SAMPLER, **params: Any) -> Any:
         """The parameter dataclass of sampler `name` (`DiffusionParams`, ...), checked for unknown fields."""
         if name not in SAMPLERS:
             raise InvalidParameterError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
