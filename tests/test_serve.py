@@ -156,7 +156,7 @@ def test_echo_logprobs_are_the_full_forward_log_softmax(client: Any, llm: LLM) -
     choice = out.choices[0]
     logprobs = choice.logprobs
     assert len(logprobs.token_logprobs) == len(ids) + 1 and logprobs.token_logprobs[0] is None
-    sequence = ids + [llm.tokenizer.token_to_id(logprobs.tokens[-1]) or 0]
+    sequence = [*ids, llm.tokenizer.token_to_id(logprobs.tokens[-1]) or 0]
     with torch.inference_mode():
         table = llm.model(torch.tensor([sequence]), None, init_scale=0.0).logits[0].log_softmax(-1)
     for position in range(1, len(ids)):
@@ -187,7 +187,9 @@ def test_echo_logprobs_are_the_full_forward_log_softmax(client: Any, llm: LLM) -
         ({"prompt": "x", "model": "gpt-5"}, 404, "model"),
     ],
 )
-def test_invalid_requests_get_openai_errors_and_the_server_goes_on(url: str, body: dict, status: int, param: str) -> None:
+def test_invalid_requests_get_openai_errors_and_the_server_goes_on(
+    url: str, body: dict, status: int, param: str
+) -> None:
     response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     assert response.status_code == status, response.text
     error = response.json()["error"]
