@@ -138,6 +138,52 @@ def test_continuous_batching_and_abort(llm: LLM, prompts: list[list[int]]) -> No
     assert engine.stats.max_running == 3 and not engine.scheduler.running
 
 
+def test_admission_delay_holds_newcomers_so_that_their_prefills_share_a_pass(
+    llm: LLM, prompts: list[list[int]]
+) -> None:
+    """While requests run, newcomers wait (up to the delay) until they would fill the free rows, then start in one
+    prefill pass; the tokens are those each request gets alone. Without a delay each starts at once."""
+    sampler = SAMPLERS["static"]
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True, seed=0)  # seeds the initial state
+
+    def passes(delay: float) -> tuple[list[int], dict[str, list[int]]]:
+        requests = [Request(p, params, sampler) for p in prompts[:3]]
+        engine = llm.engine(requests, "shared", max_num_seqs=3, admission_delay=delay)
+        out: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        counts = []
+        for step, request in enumerate([*requests, None, None]):
+            if request is not None:
+                engine.add(request)
+            for output in engine.step():
+                out[output.request_id] += output.new_token_ids
+            counts.append(engine.stats.prefill_passes)
+            assert step != 1 or len(engine.scheduler.running) == (1 if delay else 2)
+        while engine.has_unfinished:
+            for output in engine.step():
+                out[output.request_id] += output.new_token_ids
+        return counts, {str(i): out[r.request_id] for i, r in enumerate(requests)}
+
+    held, held_tokens = passes(1e6)  # held until the newcomers fill both free rows
+    at_once, tokens = passes(0.0)
+    assert held == [1, 1, 2, 2, 2] and at_once == [1, 2, 3, 3, 3]
+    alone = [llm.generate(p, params, sampler=sampler)[0].token_ids for p in prompts[:3]]
+    assert list(held_tokens.values()) == list(tokens.values()) == alone
+
+
+def test_the_admission_hold_ends_when_the_oldest_waited_long_enough(prompts: list[list[int]]) -> None:
+    from depthwave.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(max_num_seqs=4, max_model_len=10_000, buffer_len=10_000, max_cached_positions=10**6)
+    first, second = (Request(p, SamplingParams(max_new_tokens=4), SAMPLERS["static"]) for p in prompts[:2])
+    scheduler.add(first)
+    assert scheduler.admit(now=0.0, hold_s=5.0) == [first]  # nothing runs: no reason to wait
+    second.arrival_time = 10.0
+    scheduler.add(second)
+    assert scheduler.holding(10.5, hold_s=1.0) and scheduler.admit(10.5, hold_s=1.0) == []
+    assert not scheduler.holding(11.5, hold_s=1.0) and not scheduler.holding(10.5, hold_s=0.0)
+    assert scheduler.admit(11.5, hold_s=1.0) == [second]
+
+
 def test_kv_budget_bounds_admission_and_refuses_what_never_fits(llm: LLM, prompts: list[list[int]]) -> None:
     sampler = SAMPLERS["static"]
     params = SamplingParams(temperature=0.0, max_new_tokens=8)

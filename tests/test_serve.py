@@ -71,6 +71,22 @@ def llm() -> LLM:
     return LLM("builtin", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def bench() -> Any:
+    """benchmarks/bench_serve.py as a module: its load generator and its `depthwave serve` subprocess."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
@@ -287,3 +303,117 @@ def test_batch_of_prompts_in_one_request(client: Any) -> None:
     )
     assert [c.index for c in out.choices] == [0, 1] and all(c.text for c in out.choices)
     assert json.dumps(out.model_dump())
+
+
+def test_cli_serve_with_sampler_flags_and_a_graceful_sigterm(bench: Any) -> None:
+    """The real command: a default sampler from flags, and SIGTERM letting a running request finish."""
+    import signal
+
+    flags = ["--max-num-seqs", "4", "--sampler", "static", "--num-steps", "8", "--init-scale", "0"]
+    with bench.local_server(flags) as (base, process):
+        results: list[Any] = []
+        body = {"prompt": QUESTION, "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+        sender = threading.Thread(
+            target=lambda: results.append(httpx.post(f"{base}/v1/completions", json=body, timeout=120))
+        )
+        sender.start()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        sender.join()
+        # uvicorn re-raises the signal once it has shut down gracefully, so the exit status is SIGTERM's.
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        response = results[0]
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 120
+        assert "default sampler static" in process.stderr.read()
+
+
+def _listening() -> set[str]:
+    import subprocess
+
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    return {line for line in out.splitlines() if "users:" in line}
+
+
+def test_two_ray_serve_replicas_behind_the_proxy_on_loopback_only(bench: Any) -> None:
+    """`depthwave serve --replicas 2`: both replicas answer through Ray Serve's proxy, the same way, and every
+    socket the command opened listens on 127.0.0.1."""
+    import shutil
+
+    pytest.importorskip("ray.serve")
+    if shutil.which("ss") is None:
+        pytest.skip("needs `ss` to list listening sockets")
+    before = _listening()
+    flags = ["--replicas", "2", "--threads", "1", "--max-num-seqs", "4"]
+    with bench.local_server(flags, timeout=180) as (base, _):
+        body = {"model": "builtin", "prompt": QUESTION, "max_tokens": 12, "temperature": 0, "seed": 3}
+        texts: dict[str, set[str]] = {}
+        for _ in range(40):
+            response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            texts.setdefault(response.headers["x-depthwave-server"], set()).add(response.json()["choices"][0]["text"])
+            if len(texts) == 2:
+                break
+        assert len(texts) == 2, f"the proxy sent every request to one replica: {texts}"
+        assert len(set.union(*texts.values())) == 1, texts  # seeded: every replica gives the same answer
+        opened = _listening() - before
+        port = base.rsplit(":", 1)[1]
+        assert any(f":{port} " in line for line in opened), opened
+        assert any("ray::" in line for line in opened), opened
+        for line in opened:
+            assert line.split()[3].startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")), line
+
+
+def test_bench_serve_short_run_with_64_clients_loses_nothing(bench: Any, tmp_path: Any) -> None:
+    """The serving benchmark's short version (as CI runs it): 64 streaming clients for about 20 s against a fresh
+    `depthwave serve`: every request completes with `[DONE]` and a whole answer."""
+    out = tmp_path / "bench_serve.json"
+    bench.main(["--clients", "64", "--duration", "20", "--baseline", "0", "--out", str(out)])
+    run = json.loads(out.read_text())["runs"]["64 clients"]
+    assert run["failed"] == 0 and run["lost"] == 0, [r for r in run["records"] if not r["ok"]][:3]
+    assert run["completed"] == run["requests"] >= 64 and run["output_tokens_per_s"] > 0
+    assert run["accuracy"] > 0.5  # the answers are whole and mostly right, not just well-formed streams
+
+
+def test_a_failing_step_ends_its_batch_with_an_error_and_the_server_goes_on() -> None:
+    """A step that raises (a bug, the device out of memory) ends the requests it ran with a 500 (an error event
+    when streaming), and later requests are served as before."""
+    app = create_app(ServeSettings(model="builtin", device="cpu", max_num_seqs=4, admission_delay=0))
+    with running(ServeSettings(model="builtin"), app=app) as base:
+        engine = app.state.server.engine.engine
+        step = engine.step
+        failed = []
+
+        def failing_once() -> Any:
+            outputs = step()
+            if len(engine.scheduler.running) == 2 and not failed:  # both requests in the batch
+                failed.append(True)
+                raise RuntimeError("simulated failure")
+            return outputs
+
+        engine.step = failing_once
+        body = {"model": "builtin", "prompt": QUESTION, "max_tokens": 60, "temperature": 0, "seed": 1}
+        options = {"extra_body": {"ignore_eos": True}}
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        results: dict[str, Any] = {}
+
+        def plain() -> None:
+            results["plain"] = httpx.post(f"{base}/v1/completions", json=body | options["extra_body"], timeout=60)
+
+        def streamed() -> None:
+            try:
+                list(client.completions.create(**body, **options, stream=True))
+            except openai.APIError as exc:
+                results["stream"] = exc
+
+        threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert failed, results
+        response = results["plain"]
+        assert response.status_code == 500 and "simulated failure" in response.json()["error"]["message"]
+        assert "simulated failure" in str(results["stream"])
+        after = client.completions.create(**body, **options)
+        assert after.choices[0].finish_reason == "length" and after.usage.completion_tokens == 60
+        assert metric(base, "depthwave_requests_running") == 0

@@ -498,10 +498,22 @@ def serve(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
     max_num_seqs: Annotated[int, typer.Option(help="Requests in the batch at once (engine rows).")] = 64,
     max_model_len: Annotated[int | None, typer.Option(help="Cached positions per request (default: context).")] = None,
+    admission_delay: Annotated[
+        float,
+        typer.Option(
+            help="Hold newcomers until the oldest waited this many prefill-pass times, so prefills batch (0: at once)."
+        ),
+    ] = 4.0,
     max_waiting: Annotated[int, typer.Option(help="Waiting requests before new ones get 429.")] = 256,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1 << 20,
     shutdown_grace: Annotated[float, typer.Option(help="Seconds running requests get to finish on SIGTERM.")] = 30.0,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (per replica with --replicas).")] = None,
+    replicas: Annotated[
+        int, typer.Option(help="Engine replicas behind Ray Serve's HTTP proxy (one GPU each on CUDA); 0: no Ray.")
+    ] = 0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --replicas: join this Ray cluster instead of a private loopback one.")
+    ] = None,
 ) -> None:
     """Serve the model over the OpenAI HTTP API (completions, chat completions, streaming) with continuous
     batching. Sampler flags after the options set the default sampler's parameters; a request may choose its own
@@ -532,13 +544,25 @@ def serve(
             api_key=api_key,
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
+            admission_delay=admission_delay,
             max_waiting=max_waiting,
             max_body_bytes=max_body_bytes,
         )
     except DepthwaveError as exc:
         _fail(str(exc))
         return
+    if replicas < 0:
+        _fail(f"--replicas must be >= 0, got {replicas}")
+        return
     typer.echo(f"depthwave: serving {settings.name} on http://{host}:{port}/v1 (default sampler {sampler})", err=True)
+    if replicas:
+        from depthwave.serve.replicas import serve_replicas
+
+        try:
+            serve_replicas(settings, replicas, host, port, threads, ray_address, shutdown_grace)
+        except DepthwaveError as exc:
+            _fail(str(exc))
+        return
     uvicorn.run(
         create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_grace
     )

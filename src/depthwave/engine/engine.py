@@ -47,7 +47,10 @@ class EngineConfig:
     (default: rows × max_model_len). cache_mode: "shared" (P + R + C slots per position) or "per-step"
     (P + R·max_steps + C, the reference's lookup). max_steps: recurrence slots of a per-step cache (default: the
     model's mean_recurrence). buffer_slack: token/state positions per row beyond max_model_len (the diffusion
-    sampler proposes `headway` tokens past its cache)."""
+    sampler proposes `headway` tokens past its cache). admission_delay: while requests run, new ones wait until the
+    oldest has waited this many times the last prefill pass's time (or they would fill every free row), so that
+    their prefills share one pass (vLLM's scheduler delay factor). A prefill runs the prompt at full depth, so
+    under a steady stream of arrivals one pass per newcomer costs more than the decoding; 0 admits at once."""
 
     max_num_seqs: int = 64
     max_model_len: int | None = None
@@ -55,6 +58,7 @@ class EngineConfig:
     cache_mode: CacheMode = "shared"
     max_steps: int | None = None
     buffer_slack: int = 64
+    admission_delay: float = 0.0
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = True) -> None:
@@ -67,6 +71,8 @@ class EngineConfig:
         positive("max_cached_positions")
         positive("max_steps")
         require(is_int(self.buffer_slack) and self.buffer_slack >= 0, "buffer_slack", self.buffer_slack, ">= 0")
+        ok = isinstance(self.admission_delay, int | float) and 0 <= self.admission_delay < float("inf")
+        require(ok, "admission_delay", self.admission_delay, "a finite number >= 0")
         require(self.cache_mode in CACHE_MODES, "cache_mode", self.cache_mode, f"one of {CACHE_MODES}")
 
 
@@ -220,6 +226,7 @@ class Engine:
         self.scheduler = Scheduler(config.max_num_seqs, self.max_model_len, buffer_len, budget)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        self._last_prefill_s = 0.0
         self._aborted: list[StepOutput] = []
 
     # ---- requests -----------------------------------------------------------------------------------------
@@ -281,6 +288,16 @@ class Engine:
             self._leave(request)
         return True
 
+    def fail_running(self) -> list[Request]:
+        """After a step raised, the running rows' state is unknown: every running request leaves (last row first,
+        so no row moves) and is returned, marked aborted. Waiting and new requests then run as before."""
+        failed = list(reversed(self.scheduler.running))
+        for request in failed:
+            self.scheduler.leave(request)
+            request.finish_reason = "abort"
+            self.requests.pop(request.request_id, None)
+        return failed
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work or bool(self._aborted)
@@ -292,8 +309,8 @@ class Engine:
         self.stats.steps += 1
         scheduler = self.scheduler
         before = len(scheduler.running)
-        admitted = scheduler.admit()
         now = time.perf_counter()
+        admitted = scheduler.admit(now, self.config.admission_delay * self._last_prefill_s)
         for request in admitted:
             request.first_pass_time = now
             self._start(request)
@@ -414,6 +431,7 @@ class Engine:
         now = time.perf_counter()
         elapsed = now - started
         if prefill:
+            self._last_prefill_s = elapsed
             self.stats.prefill_passes += 1
             self.stats.prefill_time_s += elapsed
         else:

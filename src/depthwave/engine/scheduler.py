@@ -37,8 +37,11 @@ class Scheduler:
         self.check(request)
         self.waiting.append(request)
 
-    def admit(self) -> list[Request]:
-        """Move waiting requests into free rows while the KV budget allows, in arrival order."""
+    def admit(self, now: float, hold_s: float = 0.0) -> list[Request]:
+        """Move waiting requests into free rows while the KV budget allows, in arrival order. While others run,
+        waiting requests are held until the oldest has waited `hold_s` or they would fill every free row."""
+        if self.holding(now, hold_s):
+            return []
         admitted = []
         while self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
@@ -50,6 +53,11 @@ class Scheduler:
             self.reserved += request.positions_needed
             admitted.append(request)
         return admitted
+
+    def holding(self, now: float, hold_s: float) -> bool:
+        free = self.max_num_seqs - len(self.running)
+        young = bool(self.waiting) and now - self.waiting[0].arrival_time < hold_s
+        return bool(self.running) and young and len(self.waiting) < free
 
     def remove_waiting(self, request: Request) -> None:
         self.waiting.remove(request)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import threading
 import time
 import uuid
@@ -26,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from depthwave.engine import Engine, EngineConfig, GenerationResult, Request
 from depthwave.engine.output import cut_at_stop_strings
 from depthwave.errors import DepthwaveError
-from depthwave.serve.async_engine import AsyncEngine, QueueFull
+from depthwave.serve.async_engine import AsyncEngine, EngineFailure, QueueFull
 from depthwave.serve.metrics import Metrics
 from depthwave.serve.protocol import ApiError, Context, Job, parse_chat, parse_completion
 
@@ -42,9 +44,20 @@ class ServeSettings:
     api_key: str | None = None
     max_num_seqs: int = 64
     max_model_len: int | None = None
+    admission_delay: float = 4.0
+    """EngineConfig.admission_delay: newcomers' prefills batch together at the cost of a little first-token time."""
     max_waiting: int = 256
     max_body_bytes: int = 1 << 20
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Validated now, so that a bad flag fails the command instead of the model load.
+        self.engine_config = EngineConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            cache_mode="shared",
+            admission_delay=self.admission_delay,
+        )
 
     @property
     def name(self) -> str:
@@ -72,8 +85,7 @@ class Server:
             s = self.settings
             llm = LLM(s.model, device=s.device, dtype=s.dtype)
             sampler = s.sampler or DiffusionParams()
-            config = EngineConfig(max_num_seqs=s.max_num_seqs, max_model_len=s.max_model_len, cache_mode="shared")
-            engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, config)
+            engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, s.engine_config)
         except Exception as exc:  # reported by /health and every endpoint
             self.failed = f"{type(exc).__name__}: {exc}"
             raise
@@ -141,6 +153,8 @@ class Server:
                     if await disconnected():
                         raise asyncio.CancelledError from None
                     continue
+                if isinstance(output, EngineFailure):
+                    raise ApiError(500, str(output), kind="server_error")
                 if output.result is not None:
                     results[index] = output.result
                     pending -= 1
@@ -267,6 +281,10 @@ async def stream_job(
             yield sse(chunk(0, None, None, role=True))
         while finished < len(requests):
             index, output = await outputs.get()
+            if isinstance(output, EngineFailure):  # OpenAI's clients raise on an error event
+                yield sse(ApiError(500, str(output), kind="server_error").body())
+                yield sse("[DONE]")
+                return
             stream = streams[index]
             if output.result is None:
                 delta = stream.add(output.new_token_ids)
@@ -351,6 +369,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
 
     app = FastAPI(title="depthwave", lifespan=lifespan)
     app.state.server = server
+    instance = f"{socket.gethostname()}:{os.getpid()}"
 
     def error(exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -365,6 +384,14 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
 
     @app.middleware("http")
     async def guard(request: HttpRequest, call_next: Any) -> Any:
+        response = check_access(request)
+        if response is None:
+            response = await call_next(request)
+        # Which process answered: behind a proxy of several replicas, this tells them apart.
+        response.headers["x-depthwave-server"] = instance
+        return response
+
+    def check_access(request: HttpRequest) -> JSONResponse | None:
         if request.url.path.startswith("/v1/"):
             if settings.api_key is not None:
                 given = request.headers.get("authorization", "")
@@ -382,7 +409,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
                 return error(
                     ApiError(413, f"the request body is over {settings.max_body_bytes} bytes", code="request_too_large")
                 )
-        return await call_next(request)
+        return None
 
     async def read_body(request: HttpRequest) -> Any:
         server.require_ready()

@@ -26,10 +26,14 @@ class QueueFull(Exception):
     """The waiting queue holds `max_waiting` requests already."""
 
 
+class EngineFailure(Exception):
+    """A step raised while this request ran; it ended there, and the server went on with the others."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    sink: Callable[[StepOutput], None]
+    sink: Callable[[StepOutput | EngineFailure], None]
     arrival: float
     last_token: float | None = None
     emitted: int = 0
@@ -99,7 +103,10 @@ class AsyncEngine:
                 except queue.Empty:
                     command = None
             if self.engine.has_unfinished:
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:  # a bug, or the device ran out of memory: end that batch, keep serving
+                    self._fail_running(exc)
 
     def _handle(self, command: _Command) -> None:
         if command.kind == "abort":
@@ -150,11 +157,19 @@ class AsyncEngine:
 
         loop.call_soon_threadsafe(settle)
 
+    def _fail_running(self, exc: Exception) -> None:
+        failure = EngineFailure(f"the engine failed while running this request: {type(exc).__name__}: {exc}")
+        for request in self.engine.fail_running():
+            stream = self._streams.pop(request.request_id, None)
+            if stream is not None:
+                self.metrics.finished("error")
+                stream.loop.call_soon_threadsafe(stream.sink, failure)
+
     def _step(self) -> None:
         outputs = self.engine.step()
         now = time.perf_counter()
         scheduler = self.engine.scheduler
-        self.metrics.observe_step(len(scheduler.running), len(scheduler.waiting))
+        self.metrics.observe_step(len(scheduler.running), len(scheduler.waiting), self.engine.stats)
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+from depthwave.engine import EngineStats
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -42,13 +44,15 @@ class Metrics:
         self.requests_waiting = 0
         self.generated_tokens = 0
         self.steps = 0
+        self.engine = EngineStats()
         self.by_reason: Counter[str] = Counter()
         self.time_to_first_token = Histogram()
         self.inter_token_latency = Histogram()
 
-    def observe_step(self, running: int, waiting: int) -> None:
+    def observe_step(self, running: int, waiting: int, engine: EngineStats) -> None:
         self.steps += 1
         self.requests_running, self.requests_waiting = running, waiting
+        self.engine = engine
 
     def finished(self, reason: str) -> None:
         self.by_reason[reason] += 1
@@ -71,6 +75,21 @@ class Metrics:
             f"# HELP {prefix}_generated_tokens_total Tokens generated (final).",
             f"# TYPE {prefix}_generated_tokens_total counter",
             f"{prefix}_generated_tokens_total {self.generated_tokens}",
+        ]
+        engine = self.engine
+        for name, kind, value, help_text in (
+            ("passes_total", "prefill", engine.prefill_passes, "Engine passes by kind."),
+            ("passes_total", "decode", engine.decode_passes, None),
+            ("pass_seconds_total", "prefill", engine.prefill_time_s, "Wall time of engine passes by kind."),
+            ("pass_seconds_total", "decode", engine.decode_time_s, None),
+        ):
+            if help_text:
+                lines += [f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} counter"]
+            lines.append(f'{prefix}_{name}{{kind="{kind}"}} {value}')
+        lines += [
+            f"# HELP {prefix}_prompt_tokens_total Prompt tokens prefilled.",
+            f"# TYPE {prefix}_prompt_tokens_total counter",
+            f"{prefix}_prompt_tokens_total {engine.prompt_tokens}",
             f"# HELP {prefix}_requests_finished_total Finished requests by finish reason.",
             f"# TYPE {prefix}_requests_finished_total counter",
         ]
