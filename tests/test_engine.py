@@ -184,6 +184,24 @@ def test_the_admission_hold_ends_when_the_oldest_waited_long_enough(prompts: lis
     assert scheduler.admit(11.5, hold_s=1.0) == [second]
 
 
+def test_prefill_batch_refills_rows_in_groups(prompts: list[list[int]]) -> None:
+    """While requests run, newcomers start only once `prefill_batch` of them (or all that wait) have rows."""
+    from depthwave.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(max_num_seqs=4, max_model_len=10_000, buffer_len=10_000, max_cached_positions=10**6)
+    requests = [Request(p, SamplingParams(max_new_tokens=4), SAMPLERS["static"]) for p in prompts[:7]]
+    for request in requests:
+        scheduler.add(request)
+    assert scheduler.admit(0.0, prefill_batch=2) == requests[:4]  # nothing runs: fill every row
+    scheduler.leave(requests[3])
+    assert scheduler.admit(0.0, prefill_batch=2) == []  # one free row, three waiting
+    scheduler.leave(requests[2])
+    assert scheduler.admit(0.0, prefill_batch=2) == requests[4:6]
+    scheduler.leave(requests[0])
+    scheduler.leave(requests[1])
+    assert scheduler.admit(0.0, prefill_batch=2) == requests[6:]  # fewer wait than the batch: no reason to hold
+
+
 def test_kv_budget_bounds_admission_and_refuses_what_never_fits(llm: LLM, prompts: list[list[int]]) -> None:
     sampler = SAMPLERS["static"]
     params = SamplingParams(temperature=0.0, max_new_tokens=8)

@@ -50,7 +50,10 @@ class EngineConfig:
     sampler proposes `headway` tokens past its cache). admission_delay: while requests run, new ones wait until the
     oldest has waited this many times the last prefill pass's time (or they would fill every free row), so that
     their prefills share one pass (vLLM's scheduler delay factor). A prefill runs the prompt at full depth, so
-    under a steady stream of arrivals one pass per newcomer costs more than the decoding; 0 admits at once."""
+    under a steady stream of arrivals one pass per newcomer costs more than the decoding; 0 admits at once.
+    prefill_batch: while requests run, newcomers also wait until this many of them (or all that wait, if fewer)
+    have free rows, so that a departure does not cost a prefill pass for one prompt (offline runs, where
+    everything waits from the start, use half the rows: `LLM.engine`)."""
 
     max_num_seqs: int = 64
     max_model_len: int | None = None
@@ -59,6 +62,7 @@ class EngineConfig:
     max_steps: int | None = None
     buffer_slack: int = 64
     admission_delay: float = 0.0
+    prefill_batch: int = 1
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = True) -> None:
@@ -73,6 +77,7 @@ class EngineConfig:
         require(is_int(self.buffer_slack) and self.buffer_slack >= 0, "buffer_slack", self.buffer_slack, ">= 0")
         ok = isinstance(self.admission_delay, int | float) and 0 <= self.admission_delay < float("inf")
         require(ok, "admission_delay", self.admission_delay, "a finite number >= 0")
+        positive("prefill_batch", allow_none=False)
         require(self.cache_mode in CACHE_MODES, "cache_mode", self.cache_mode, f"one of {CACHE_MODES}")
 
 
@@ -310,7 +315,8 @@ class Engine:
         scheduler = self.scheduler
         before = len(scheduler.running)
         now = time.perf_counter()
-        admitted = scheduler.admit(now, self.config.admission_delay * self._last_prefill_s)
+        config = self.config
+        admitted = scheduler.admit(now, config.admission_delay * self._last_prefill_s, config.prefill_batch)
         for request in admitted:
             request.first_pass_time = now
             self._start(request)

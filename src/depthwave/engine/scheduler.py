@@ -37,10 +37,11 @@ class Scheduler:
         self.check(request)
         self.waiting.append(request)
 
-    def admit(self, now: float, hold_s: float = 0.0) -> list[Request]:
+    def admit(self, now: float, hold_s: float = 0.0, prefill_batch: int = 1) -> list[Request]:
         """Move waiting requests into free rows while the KV budget allows, in arrival order. While others run,
-        waiting requests are held until the oldest has waited `hold_s` or they would fill every free row."""
-        if self.holding(now, hold_s):
+        waiting requests are held until the oldest has waited `hold_s` or they would fill every free row, and
+        until `prefill_batch` of them (or all, if fewer wait) have rows to start in."""
+        if self.holding(now, hold_s, prefill_batch):
             return []
         admitted = []
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -54,10 +55,12 @@ class Scheduler:
             admitted.append(request)
         return admitted
 
-    def holding(self, now: float, hold_s: float) -> bool:
+    def holding(self, now: float, hold_s: float, prefill_batch: int = 1) -> bool:
+        if not self.running or not self.waiting:
+            return False
         free = self.max_num_seqs - len(self.running)
-        young = bool(self.waiting) and now - self.waiting[0].arrival_time < hold_s
-        return bool(self.running) and young and len(self.waiting) < free
+        young = now - self.waiting[0].arrival_time < hold_s
+        return (young and len(self.waiting) < free) or free < min(prefill_batch, len(self.waiting))
 
     def remove_waiting(self, request: Request) -> None:
         self.waiting.remove(request)

@@ -465,6 +465,48 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
             ],
         }
 
+    # The tokenizer over HTTP, as vLLM serves it: lm-eval's `local-completions` finds these and then needs no
+    # tokenizer of its own (`tokenizer_backend=remote`).
+    def tokenizer() -> Any:
+        server.require_ready()
+        if server.llm.tokenizer is None:
+            raise ApiError(400, f"{settings.model} has no tokenizer; it works on token ids only")
+        return server.llm.tokenizer
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Any:
+        tok = tokenizer()
+        length = server.engine.engine.max_model_len if server.engine else None
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+            "pad_token": None,
+            "chat_template": tok.chat_template,
+            "model_max_length": length,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(request: HttpRequest) -> Any:
+        tok, body = tokenizer(), await read_body(request)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str):
+            raise ApiError(400, "prompt must be a string", param="prompt")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise ApiError(400, "add_special_tokens must be true or false", param="add_special_tokens")
+        tokens = tok.encode(prompt, add_special_tokens=special)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": server.engine.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: HttpRequest) -> Any:
+        tok, body = tokenizer(), await read_body(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        vocab = tok.vocab_size
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
+            raise ApiError(400, f"tokens must be a list of token ids below {vocab}", param="tokens")
+        return {"prompt": tok.decode(tokens, skip_special_tokens=False)}
+
     @app.get("/health")
     async def health() -> Any:
         if server.failed:
