@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -150,3 +151,30 @@ def test_cli_unknown_hub_id_offline_in_a_fresh_process() -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("depthwave: error: nobody/no-such-model is not a local folder")
     assert "offline" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_error_contract_internal_errors_and_debug(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """An unexpected exception is one line on stderr naming it, exit status 1; `--debug` shows the traceback; a
+    DepthwaveError that escapes a command is a user error, exit status 2; nothing goes to stdout."""
+    from depthwave import cli
+    from depthwave.errors import CheckpointError
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(LLM, "__init__", broken)
+    monkeypatch.setattr(sys, "argv", ["depthwave", "generate", "--prompt", "What is 3 + 4?"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 1 and out == ""
+    assert err.strip().splitlines() == [
+        "depthwave: internal error: RuntimeError: simulated bug (run again with --debug for the traceback)"
+    ]
+    monkeypatch.setattr(sys, "argv", ["depthwave", "generate", "--debug", "--prompt", "What is 3 + 4?"])
+    with pytest.raises(RuntimeError, match="simulated bug"):
+        cli.main()
+    monkeypatch.setattr(cli, "app", lambda: (_ for _ in ()).throw(CheckpointError("no model.safetensors in x")))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "depthwave: error: no model.safetensors in x\n"

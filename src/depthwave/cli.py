@@ -15,7 +15,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Fast, faithful inference for recurrent-depth language models.",
+    help="Fast, faithful inference for recurrent-depth language models. Add --debug to see a traceback on errors.",
 )
 
 
@@ -603,7 +603,30 @@ def train(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    app()
+    """The `depthwave` command. A user error is one line `depthwave: error: ...` on stderr and exit status 2 (the
+    commands report theirs so; a DepthwaveError that escapes one is reported the same way); anything unexpected is
+    one line naming the exception and exit status 1, or its traceback with `--debug` (anywhere on the line)."""
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv = [arg for i, arg in enumerate(sys.argv) if i == 0 or arg != "--debug"]
+    try:
+        app()
+    except DepthwaveError as exc:
+        if debug:
+            raise
+        print(f"depthwave: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("depthwave: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        print(
+            f"depthwave: internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":
