@@ -178,3 +178,38 @@ def test_cli_error_contract_internal_errors_and_debug(monkeypatch: pytest.Monkey
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 2 and capsys.readouterr().err == "depthwave: error: no model.safetensors in x\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "--device", "banana", "--prompt-ids", "1"], "unknown device 'banana'"),
+        (["eval", "--threads", "-1", "--limit", "1"], "threads must be an integer >= 1, got -1"),
+        (["eval", "--temperature", "-1", "--limit", "1"], "temperature must be a finite number >= 0, got -1.0"),
+        (["eval", "--max-new-tokens", "0", "--limit", "1"], "max_new_tokens must be an integer >= 1, got 0"),
+        (["eval", "--device", "banana", "--limit", "1"], "unknown device 'banana'"),
+        (["serve", "--threads", "0"], "--threads must be >= 1, got 0"),
+    ],
+)
+def test_bad_devices_threads_and_eval_settings_fail_up_front(args: list[str], message: str, tmp_path: Path) -> None:
+    """Refused before any work, as one line with exit status 2; an eval run writes nothing, so that the corrected
+    command is not refused as a different run."""
+    out = tmp_path / "run"
+    extra = ["--out", str(out)] if args[0] == "eval" else []
+    result = CliRunner().invoke(app, [*args, *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cuda_without_cuda_is_refused() -> None:
+    import torch
+
+    from depthwave.errors import InvalidParameterError
+    from depthwave.llm import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InvalidParameterError, match="no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None) == torch.device("cpu")

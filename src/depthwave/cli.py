@@ -528,6 +528,8 @@ def serve(
         return
     import torch
 
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be >= 1, got {threads}")
     if threads:
         torch.set_num_threads(threads)
     flags = parse_sampler_flags(ctx.args)

@@ -27,6 +27,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto (None: CUDA when there is one), refused when torch does not know it or this
+    machine does not have it."""
+    if device is None:
+        return torch.device(default_device())
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidParameterError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidParameterError(f"device {device!r}: this machine (or this torch build) has no CUDA device")
+        if resolved.index is not None and resolved.index >= count:
+            raise InvalidParameterError(f"device {device!r}: there are only {count} CUDA device(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidParameterError(f"device {device!r}: MPS is not available on this machine")
+    return resolved
+
+
 class LLM:
     def __init__(
         self,
@@ -37,7 +57,7 @@ class LLM:
         max_num_seqs: int = 64,
     ) -> None:
         self.folder = resolve_model_dir(model, revision)
-        self.model = load_model(self.folder, device or default_device(), dtype)
+        self.model = load_model(self.folder, resolve_device(device), dtype)
         self.tokenizer = load_tokenizer(self.folder)
         self.stop_token_ids = default_stop_ids(self.folder, self.model.config, self.tokenizer)
         self.max_num_seqs = max_num_seqs

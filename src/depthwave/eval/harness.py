@@ -135,7 +135,18 @@ class EvalSettings:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
+        # Checked here, before a run writes settings.json, so that a corrected rerun is not refused.
         require_int(self.batch_size, "batch_size")
+        if self.threads is not None:
+            require_int(self.threads, "threads")
+        if self.max_new_tokens is not None:
+            require_int(self.max_new_tokens, "max_new_tokens")
+        if not (isinstance(self.temperature, int | float) and 0 <= self.temperature < float("inf")):
+            raise InvalidParameterError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.device is not None:
+            from depthwave.llm import resolve_device
+
+            resolve_device(self.device)
         if not self.tasks:
             raise InvalidParameterError("give at least one task")
         if self.limit is not None and self.limit < 1:
