@@ -13,8 +13,9 @@ from depthwave.engine.selection import Choice, apply_repetition_penalty, filtere
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": -0.1}, "temperature must be >= 0, got -0.1"),
-        ({"temperature": math.nan}, "temperature must be >= 0"),
+        ({"temperature": -0.1}, "temperature must be a finite number >= 0, got -0.1"),
+        ({"temperature": math.nan}, "temperature must be a finite number >= 0"),
+        ({"temperature": math.inf}, "temperature must be a finite number >= 0, got inf"),
         ({"top_k": -1}, "top_k must be an integer >= 0"),
         ({"top_k": 2.5}, "top_k must be an integer >= 0"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),

@@ -124,7 +124,7 @@ def test_cli_streams_text(model_dir: Path) -> None:
     [
         (["--prompt-ids", "1,x"], "--prompt-ids must be integers"),
         (["--prompt", "hi"], "has no tokenizer.json; give the prompt as token ids"),
-        (["--prompt-ids", "1", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt-ids", "1", "--temperature", "-1"], "temperature must be a finite number >= 0"),
         (["--prompt-ids", "1", "--sampler", "nope"], "unknown sampler 'nope'"),
         (["--prompt-ids", "1", "--num-steps", "0"], "num_steps must be None or an integer >= 1"),
         (["--prompt-ids", ",".join(["1"] * 300)], "the prompt has 300 tokens but the model's context holds 256"),
@@ -189,6 +189,7 @@ def test_cli_error_contract_internal_errors_and_debug(monkeypatch: pytest.Monkey
         (["eval", "--max-new-tokens", "0", "--limit", "1"], "max_new_tokens must be an integer >= 1, got 0"),
         (["eval", "--device", "banana", "--limit", "1"], "unknown device 'banana'"),
         (["serve", "--threads", "0"], "--threads must be >= 1, got 0"),
+        (["generate", "--prompt-ids", "1", "--stop-token-ids", "99999"], "stop_token_ids [99999] are outside"),
     ],
 )
 def test_bad_devices_threads_and_eval_settings_fail_up_front(args: list[str], message: str, tmp_path: Path) -> None:
@@ -213,3 +214,11 @@ def test_cuda_without_cuda_is_refused() -> None:
     with pytest.raises(InvalidParameterError, match="no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None) == torch.device("cpu")
+
+
+def test_eval_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    result = CliRunner().invoke(app, ["eval", "--limit", "1", "--out", str(taken)])
+    assert result.exit_code == 2 and "is a file; give a folder" in result.stderr
+    assert taken.read_text() == "mine"

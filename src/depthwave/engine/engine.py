@@ -270,6 +270,10 @@ class Engine:
             )
         request.positions_needed, request.buffer_needed, request.budget = sizing.cache, sizing.buffer, sizing.budget
         sampling = request.sampling
+        vocab = self.model.config.vocab_size
+        outside = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
+        if outside:
+            raise InvalidParameterError(f"stop_token_ids {outside[:5]} are outside the vocabulary [0, {vocab})")
         stops = frozenset(sampling.stop_token_ids) | (
             frozenset() if sampling.ignore_eos else frozenset(self.ctx.stop_token_ids)
         )

@@ -48,7 +48,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        require(is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature, ">= 0")
+        finite = is_number(self.temperature) and 0 <= self.temperature < float("inf")
+        require(finite, "temperature", self.temperature, "a finite number >= 0")
         require(is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
         require(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
         require(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")

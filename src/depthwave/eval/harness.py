@@ -390,6 +390,8 @@ class RecordWriter:
 
 def prepare_folder(folder: Path, settings: EvalSettings) -> set[tuple[str, str, str]]:
     """Create or reopen an output folder; returns the (task, sampler, sample id) triples already done."""
+    if folder.exists() and not folder.is_dir():
+        raise InvalidParameterError(f"the output folder {folder} is a file; give a folder (new or of an earlier run)")
     folder.mkdir(parents=True, exist_ok=True)
     settings_path = folder / SETTINGS_FILE
     if settings_path.is_file():
