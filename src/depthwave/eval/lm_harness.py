@@ -45,7 +45,6 @@ class TaskStats:
 
     requests: int = 0
     generated_tokens: int = 0
-    decode_time_s: float = 0.0
     core_steps: int = 0
     wall_s: float = 0.0
 
@@ -81,7 +80,7 @@ class DepthwaveLM(TemplateLM):
         self.pretrained = str(pretrained)
         self.sampler_name = sampler
         self.sampler_defaults = dict(sampler_params)
-        self.default_sampler = LLM.sampler_params(sampler, **sampler_params)  # checked now: a typo fails at once
+        LLM.sampler_params(sampler, **sampler_params)  # checked now, so that a typo fails before any task runs
         self.num_steps = num_steps
         self.seed = seed
         self.max_gen_toks = max_gen_toks
@@ -154,7 +153,6 @@ class DepthwaveLM(TemplateLM):
             stats = tasks[instance.task_name or "?"]
             stats.requests += 1
             stats.generated_tokens += result.stats.generated_tokens
-            stats.decode_time_s += result.stats.decode_time_s
             stats.core_steps += result.stats.core_steps
         total = sum(s.generated_tokens for s in tasks.values()) or 1
         for name, stats in tasks.items():

@@ -44,10 +44,9 @@ def deploy(
     """Start Ray Serve's proxy on host:port and `replicas` servers behind it; returns once all are ready.
     loopback: the cluster is a private loopback one, whose replicas must not listen on other interfaces."""
     _, serve = _ray_serve()
-    import torch
+    from depthwave.llm import default_device
 
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gpus = 1 if device.startswith("cuda") else 0
+    gpus = 1 if (settings.device or default_device()).startswith("cuda") else 0
     cpus = threads or 1
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
 
