@@ -7,17 +7,24 @@ import json
 import torch
 
 from depthwave import LLM, SamplingParams
-from depthwave.data.arithmetic import extract_answer, make_split
+from depthwave.data.arithmetic import extract_answer, make_split, make_unseen
 from depthwave.data.tokenizer import question_prompt
 from depthwave.model.loading import BUILTIN_DIR
 
 TEST_SET = BUILTIN_DIR.parent / "arithmetic" / "test.jsonl"
+UNSEEN_SET = BUILTIN_DIR.parent / "arithmetic" / "unseen.jsonl"
 
 
 def test_shipped_test_set_is_the_generated_split() -> None:
     records = [json.loads(line) for line in TEST_SET.read_text().splitlines()]
     assert len(records) == 500
     assert records == [p.to_record() for p in make_split("test", 500, seed=0)]
+
+
+def test_shipped_unseen_set_is_the_generated_set() -> None:
+    records = [json.loads(line) for line in UNSEEN_SET.read_text().splitlines()]
+    assert len(records) == 500
+    assert records == [{**p.to_record(), "kind": p.template} for p in make_unseen(500, seed=0)]
 
 
 def test_builtin_model_loads_like_huginn_and_solves_problems() -> None:

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from depthwave.data import arithmetic, pools
 from depthwave.data.arithmetic import (
     SPLITS,
     TEMPLATES,
+    TRAIN_SURFACE,
+    UNSEEN_SURFACE,
+    WIDE_TEMPLATES,
+    Wordings,
     extract_answer,
+    iter_train,
     make_split,
+    make_unseen,
     split_of,
     train_batch,
     write_test_set,
+    write_unseen_set,
 )
 from depthwave.data.tokenizer import (
     CHAT_TEMPLATE,
@@ -50,12 +59,18 @@ def test_splits_are_deterministic_and_depend_on_the_seed() -> None:
 def test_every_step_of_every_solution_is_correct_arithmetic() -> None:
     ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}
     problems = make_split("validation", 300) + train_batch(0, 0, 300)
+    problems += train_batch(0, 0, 600, "wide") + make_unseen(300)
     for problem in problems:
         lines = problem.solution.split("\n")
         assert lines[-1] == f"The answer is {problem.answer}."
-        assert len(lines) >= 3, "at least two steps before the answer"
+        bare = problem.template.startswith("bare_")
+        assert len(lines) >= (2 if bare else 3), "two steps before the answer, one for bare arithmetic"
         results = []
         for line in lines[:-1]:
+            if " + " in line and " * " in line:  # "17 * 24 = 17 * 20 + 17 * 4.": the split of a product
+                a, b, a2, tens, a3, units = map(int, re.findall(r"\d+", line))
+                assert a == a2 == a3 and tens % 10 == 0 and 0 < units < 10 and tens + units == b
+                continue
             (a, op, b, c), *rest = EQUATION.findall(line)
             assert not rest
             if op == "/":
@@ -123,11 +138,113 @@ def test_extract_answer(text: str, expected: int | None) -> None:
     assert extract_answer(text) == expected
 
 
+# ---- the wide distribution and the unseen set --------------------------------------------------------------------
+def _whole_words(texts: list[str]) -> set[str]:
+    return {word for text in texts for word in re.findall(r"[^\W\d_]+(?:'s)?", text)}
+
+
+def test_the_classic_problems_are_those_of_the_first_generator() -> None:
+    """The wide distribution must leave the classic stream untouched: the shipped test set and the first
+    built-in model's training batches are fixed by it. These questions were written by the first generator."""
+    assert (
+        make_split("test", 1)[0].question
+        == json.loads(
+            (Path(arithmetic.__file__).parents[1] / "assets" / "arithmetic" / "test.jsonl").read_text().splitlines()[0]
+        )["question"]
+    )
+    classic = train_batch(0, 0, 64)
+    assert {p.template for p in classic} <= set(TEMPLATES)
+    names = {name for name, _ in arithmetic.CLASSIC.people}
+    assert len(names) == 12 and all(any(n in p.question for n in names) or p.template == "days" for p in classic)
+
+
+def test_wide_training_covers_every_kind_with_many_words_and_wordings() -> None:
+    problems = [p for step in range(30) for p in train_batch(0, step, 64, "wide")]
+    assert {p.template for p in problems} == set(WIDE_TEMPLATES)
+    bare = [p for p in problems if p.template.startswith("bare_")]
+    assert 0.15 < len(bare) / len(problems) < 0.40
+    names = {name for name, _ in TRAIN_SURFACE.people if any(name in p.question for p in problems)}
+    assert len(names) > 200, "no name recurs often: hundreds are used"
+    assert len(TRAIN_SURFACE.things) > 150 and len(TRAIN_SURFACE.people) > 300
+    languages = {"Joaquín", "Zeynep", "Priya", "Chidi", "Yuki", "Olga", "Łukasz", "Ingrid"}
+    assert len(languages & {n for n, _ in pools.PEOPLE}) == len(languages)
+    # Several wordings per template, and numbers told out of order: in "earnings" the amount spent comes
+    # first and is used last.
+    for template in ("containers", "savings", "shopping", "days", "sharing"):
+        wordings = {re.sub(r"\d+", "N", p.question.split(".")[0]) for p in problems if p.template == template}
+        assert len(wordings) > 5, template
+    earnings = next(p for p in problems if p.template == "earnings")
+    rate, hours, spent = earnings.skeleton
+    assert earnings.question.index(str(spent)) < earnings.question.index(f" {rate} ")
+    assert earnings.solution.index(f"{rate} * {hours}") < earnings.solution.index(f"- {spent} ")
+
+
+def test_unseen_words_and_wordings_never_occur_in_training() -> None:
+    for field in ("people", "things", "shop_items", "purchases", "containers", "shops", "activities"):
+        train, held = set(getattr(TRAIN_SURFACE, field)), set(getattr(UNSEEN_SURFACE, field))
+        assert held and not train & held, field
+    held_words = (
+        {name for name, _ in UNSEEN_SURFACE.people}
+        | {w for pool in ("things", "shop_items", "purchases", "containers") for w in getattr(UNSEEN_SURFACE, pool)}
+        | {verb for verb, _, _ in UNSEEN_SURFACE.activities}
+    )
+    train_texts = [t for p in itertools.islice(iter_train(0, "wide"), 6000) for t in (p.question, p.solution)]
+    assert not held_words & _whole_words(train_texts)
+    assert not any(f" {shop} " in text or f" {shop}." in text for shop in UNSEEN_SURFACE.shops for text in train_texts)
+    # Wordings: every problem records the wording it was told with, and renders from it.
+    wordings = [w for w in vars(arithmetic).values() if isinstance(w, Wordings)]
+    assert len(wordings) >= 9 and all(w.held_out and not set(w.held_out) & set(w.train) for w in wordings)
+    held_out = {w for ws in wordings for w in ws.held_out}
+    train = list(itertools.islice(iter_train(0, "wide"), 6000))
+    assert not {p.wording for p in train} & held_out
+    assert len({p.wording for p in train}) > 150
+    unseen = make_unseen(500)
+    assert {p.wording for p in unseen} <= held_out
+    for problem in [*train[:300], *unseen[:100]]:
+        pattern = re.escape(problem.wording)
+        pattern = re.sub(r"\\\{\w+\\\}", lambda m: ".+", pattern)
+        assert re.fullmatch(pattern, problem.question), (problem.wording, problem.question)
+
+
+def test_unseen_problems_hold_out_their_arithmetic_by_hash() -> None:
+    unseen = make_unseen(500)
+    assert len({p.question for p in unseen}) == 500
+    assert all(split_of(p) == "test" for p in unseen)
+    bare = [p for p in unseen if p.template.startswith("bare_")]
+    assert len(bare) >= 100 and {p.template for p in bare} == {"bare_add", "bare_sub", "bare_mul", "bare_div"}
+    train_pairs = {(p.template, p.skeleton) for p in itertools.islice(iter_train(0, "wide"), 20000)}
+    assert not train_pairs & {(p.template, p.skeleton) for p in unseen}
+
+
+def test_unseen_questions_split_into_tokens_seen_in_training() -> None:
+    """The model keeps the first built-in tokenizer: an unseen name falls apart into pieces (down to bytes), and
+    every piece of every unseen question must be one that training text produces."""
+    tokenizer = ModelTokenizer(Path(arithmetic.__file__).parents[1] / "assets" / "builtin")
+    seen = {
+        token
+        for p in itertools.islice(iter_train(0, "wide"), 20000)
+        for token in tokenizer.encode(f"{p.question}\n\n{p.solution}", add_special_tokens=False)
+    }
+    unseen = {token for p in make_unseen(500) for token in tokenizer.encode(p.question, add_special_tokens=False)}
+    assert unseen <= seen, [tokenizer.decode([t]) for t in unseen - seen]
+    pieces = tokenizer.encode("Leo has 45 marbles.", add_special_tokens=False)
+    assert [tokenizer.decode([t]) for t in pieces][:3] == ["L", "e", "o"]
+
+
+def test_write_unseen_set(tmp_path: Path) -> None:
+    path = write_unseen_set(tmp_path / "unseen.jsonl", count=20)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [set(r) for r in records] == [{"question", "answer", "kind"}] * 20
+    assert [r["kind"] for r in records] == [p.template for p in make_unseen(20)]
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="split"):
         make_split("dev", 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="batch_size"):
         train_batch(0, 0, 0)
+    with pytest.raises(ValueError, match="distribution"):
+        train_batch(0, 0, 4, "broad")  # type: ignore[arg-type]
 
 
 # ---- tokenizer -------------------------------------------------------------------------------------------------

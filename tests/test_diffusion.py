@@ -177,9 +177,13 @@ def test_stop_token_cuts_output_and_budget_is_exact(model) -> None:  # type: ign
     )
     assert streamed == again.token_ids == stopped.token_ids
     # The reference mode returns every frozen token: not cut at the stop token nor at the budget.
-    reference = DiffusionSampler(model, params=DiffusionParams(init_scale=0.0, num_steps=8, mode="reference"))
-    uncut = reference.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=10))
-    assert len(uncut.token_ids) >= 10
+    # Its loop runs while fewer than the budget are frozen, so it returns exactly what the last step froze up to.
+    params = DiffusionParams(init_scale=0.0, num_steps=8, mode="reference", trace=True)
+    uncut = DiffusionSampler(model, params=params).generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=10))
+    last = uncut.stats.trace[-1]  # type: ignore[index]
+    assert last["frozen_before"] - len(PROMPT) < 10 <= last["frozen_after"] - len(PROMPT)
+    assert len(uncut.token_ids) == last["frozen_after"] - len(PROMPT)
+    assert len(uncut.token_ids) > 10, "this case freezes two tokens in its last step: one beyond the budget"
 
 
 def test_statistics_and_trace(model) -> None:  # type: ignore[no-untyped-def]
@@ -255,3 +259,20 @@ def test_cli_diffusion_with_trace(tmp_path) -> None:  # type: ignore[no-untyped-
     assert again.stat().st_size > 10_000
     static = CliRunner().invoke(app, [*args[:-3], "--sampler", "static", "--trace-out", str(png)])
     assert static.exit_code == 2 and "use it with --sampler diffusion" in static.stderr
+
+
+@pytest.mark.parametrize("headway", [1, 16])
+def test_runs_to_the_end_of_the_context_as_static_decoding_does(headway: int) -> None:
+    """The wavefront reaching the end of the context opens no more positions, and the ones in flight are refined
+    until they freeze: the output fills the room the context has (here 64 - 29 = 35 tokens), as static AR does."""
+    short = random_model(micro_config(block_size=64, mean_recurrence=4), seed=11)
+    prompt = [(7 * i) % 500 + 1 for i in range(29)]
+    # A random model's latents hardly settle: max_recurrences freezes each position after 8, as a trained one would.
+    params = DiffusionParams(headway=headway, init_scale=0.0, num_steps=4, max_recurrences=8)
+    sampler = DiffusionSampler(short, params=params)
+    fills = sampler.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=300, ignore_eos=True, seed=1))
+    assert len(fills.token_ids) == 64 - 29 and fills.finish_reason == "length"
+    static = StaticSampler(short, params=StaticParams(num_steps=4, init_scale=0.0))
+    assert len(static.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=300)).token_ids) == 35
+    budget = sampler.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True, seed=1))
+    assert len(budget.token_ids) == 20 and budget.token_ids == fills.token_ids[:20]

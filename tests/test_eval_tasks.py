@@ -42,7 +42,7 @@ def math_sample(gold: str) -> Sample:
 
 # ---- registry ---------------------------------------------------------------------------------------------------
 def test_registry_names_every_task() -> None:
-    assert set(TASKS) == {"gsm8k", "math500", "humaneval", "mbpp", "arithmetic"}
+    assert set(TASKS) == {"gsm8k", "math500", "humaneval", "mbpp", "arithmetic", "arithmetic-unseen"}
     assert all(TASKS[name].name == name for name in TASKS)
 
 

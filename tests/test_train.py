@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 from depthwave.data.arithmetic import make_split, train_batch
 from depthwave.data.tokenizer import special_token_ids, train_arithmetic_tokenizer
 from depthwave.llm import LLM
+from depthwave.model.loading import load_model
 from depthwave.model.model import RecurrentDepthModel
 from depthwave.samplers.base import SamplingParams
 from depthwave.train import (
@@ -22,8 +24,10 @@ from depthwave.train import (
     PRESETS,
     TrainConfig,
     TrainingError,
+    _step_generator,
     collate,
     encode_problem,
+    greedy_accuracy,
     learning_rate,
     main,
     recurrent_loss,
@@ -124,14 +128,19 @@ def test_collate_trains_on_the_answer_only(tokenizer) -> None:  # type: ignore[n
 
 # ---- runs ------------------------------------------------------------------------------------------------------
 def test_smoke_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: Path) -> None:
-    summary = train(smoke(tmp_path, eval_every=15, eval_problems=2), write=quiet)
+    config = smoke(tmp_path, eval_every=15, eval_problems=2)
+    summary = train(config, write=quiet)
     first, last = sum(summary.losses[:5]) / 5, sum(summary.losses[-5:]) / 5
     assert len(summary.losses) == 30
     assert last < first - 1.0, (first, last)
-    assert summary.val_accuracy is not None and 0.0 <= summary.val_accuracy <= 1.0
     assert summary.model_dir == tmp_path / "model"
     log = (tmp_path / "log.jsonl").read_text()
     assert log.count('"event": "validation"') == 2
+    # The reported accuracy is the exported model's, measured again from scratch on the same problems.
+    exported = load_model(summary.model_dir, "cpu", torch.float32)
+    tokenizer = Tokenizer.from_file(str(summary.model_dir / "tokenizer.json"))
+    remeasured = greedy_accuracy(exported, tokenizer, make_split("validation", 2, config.data_seed), seed=config.seed)
+    assert summary.val_accuracy == remeasured
 
     llm = LLM(summary.model_dir, device="cpu")
     assert llm.model.config.mean_recurrence == 4
@@ -188,7 +197,48 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     printed = capsys.readouterr().out
     assert "3/3" in printed and "done: model written to" in printed
     assert (out / "model" / "config.json").is_file()
+    # Errors: one line on stderr, nothing on stdout, exit status 2.
     assert main(["--preset", "smoke", "--out", str(out), "--steps", "3"]) == 2
-    assert "already holds a checkpoint" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("depthwave: error: ") and "already holds a checkpoint" in captured.err
+    assert captured.err.count("\n") == 1
     assert main(["--preset", "smoke", "--out", str(tmp_path / "other"), "--lr", "-1"]) == 2
-    assert "lr" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.out == "" and "training setting 'lr' must be a number >= 0, got -1.0" in captured.err
+    assert main(["--preset", "smoke", "--out", str(out), "--resume", "--steps", "4"]) == 2
+    captured = capsys.readouterr()
+    assert "cannot resume" in captured.err and "steps: checkpoint 3, now 4" in captured.err
+    assert captured.err.count("\n") == 1
+
+
+def test_init_from_continues_a_model_on_the_wide_problems(tmp_path: Path) -> None:
+    first = train(smoke(tmp_path / "first", steps=4), write=quiet)
+    assert first.model_dir is not None
+    config = smoke(tmp_path / "wide", steps=3, distribution="wide", init_from=str(first.model_dir))
+    continued = train(config, write=quiet)
+    assert continued.model_dir is not None and len(continued.losses) == 3
+    # It starts from the given weights (not a fresh init) and keeps the given tokenizer.
+    start = load_model(first.model_dir, "cpu", torch.float32)
+    tokenizer = Tokenizer.from_file(str(first.model_dir / "tokenizer.json"))
+    assert (continued.model_dir / "tokenizer.json").read_text() == (first.model_dir / "tokenizer.json").read_text()
+    pad = special_token_ids(tokenizer)["<|pad|>"]
+    batch = [encode_problem(tokenizer, p) for p in train_batch(config.data_seed, 0, config.batch_size, "wide")]
+    inputs, targets = collate(batch, pad)
+    cpu = torch.device("cpu")
+    no_grad, grad = sample_recurrence(
+        config.mean_recurrence, config.mean_backprop_depth, _step_generator(config.seed, 0, 1, cpu)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = recurrent_loss(start, inputs, targets, no_grad, grad, _step_generator(config.seed, 0, 2, cpu))
+    assert continued.losses[0] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_init_from_must_match_the_architecture(tmp_path: Path) -> None:
+    first = train(smoke(tmp_path / "first", steps=2), write=quiet)
+    with pytest.raises(TrainingError, match="has another architecture: n_embd: model 32, config 64"):
+        train(smoke(tmp_path / "other", n_embd=64, init_from=str(first.model_dir)), write=quiet)
+    with pytest.raises(TrainingError, match=r"init_from must be a model folder with a config\.json"):
+        smoke(tmp_path / "x", init_from=str(tmp_path))
+    with pytest.raises(TrainingError, match="distribution must be one of"):
+        smoke(tmp_path / "x", distribution="broad")

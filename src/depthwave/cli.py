@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from depthwave.errors import DepthwaveError
+from depthwave.errors import DepthwaveError, one_line
 
 app = typer.Typer(
     add_completion=False,
@@ -20,8 +20,36 @@ app = typer.Typer(
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"depthwave: error: {message}", err=True)
+    typer.echo(f"depthwave: error: {one_line(message)}", err=True)
     raise typer.Exit(2)
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    """Refuse, before the model loads, a port out of range or an address this machine cannot listen on (taken,
+    or not one of its own)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        _fail(f"--port must be in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def _check_writable_file(path: Path, what: str) -> None:
+    """Refuse, before any work, an output path that cannot become a file: it is a folder, or a file stands where
+    one of its folders should be."""
+    if path.is_dir():
+        _fail(f"{what} {path} is a folder; give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                _fail(f"{what} {path}: {parent} is a file, not a folder")
+            break
 
 
 def _parse_ids(text: str, what: str) -> list[int]:
@@ -149,8 +177,12 @@ def generate(
         "verification_threshold": verification_threshold,
         "trace": True if trace_out is not None else None,
     }
+    if system is not None and not chat:
+        _fail("--system is a chat message; add --chat")
     if trace_out is not None and sampler != "diffusion":
         _fail("--trace-out records the diffusion sampler's steps; use it with --sampler diffusion")
+    if trace_out is not None:
+        _check_writable_file(trace_out, "--trace-out")
     try:
         params = SamplingParams(
             temperature=temperature,
@@ -530,6 +562,7 @@ def serve(
 
     if threads is not None and threads < 1:
         _fail(f"--threads must be >= 1, got {threads}")
+    _check_listen_address(host, port)
     if threads:
         torch.set_num_threads(threads)
     flags = parse_sampler_flags(ctx.args)
@@ -616,7 +649,7 @@ def main() -> None:
     except DepthwaveError as exc:
         if debug:
             raise
-        print(f"depthwave: error: {exc}", file=sys.stderr)
+        print(f"depthwave: error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("depthwave: interrupted", file=sys.stderr)
@@ -625,7 +658,8 @@ def main() -> None:
         if debug:
             raise
         print(
-            f"depthwave: internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+            f"depthwave: internal error: {type(exc).__name__}: {one_line(str(exc))} (run again with --debug for the "
+            "traceback)",
             file=sys.stderr,
         )
         sys.exit(1)

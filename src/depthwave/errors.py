@@ -36,3 +36,8 @@ def require(ok: bool, name: str, value: Any, what: str) -> None:
     """Raise InvalidParameterError naming the field, its value and what it must be, unless `ok`."""
     if not ok:
         raise InvalidParameterError(f"{name} must be {what}, got {value!r}")
+
+
+def one_line(message: str) -> str:
+    """A message as one line: the commands' error contract prints exactly one line per error."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())

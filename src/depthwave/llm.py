@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from depthwave.engine.engine import Engine, EngineConfig, EngineStats, check_prompt
+from depthwave.engine.engine import Engine, EngineConfig, EngineStats, as_token_ids, check_prompt, check_text
 from depthwave.engine.request import GenerationResult, Request, StepOutput
 from depthwave.engine.selection import SamplingParams
 from depthwave.errors import InvalidParameterError, PromptError
@@ -84,7 +84,8 @@ class LLM:
     def encode(self, prompt: Prompt, chat: bool = False, system: str | None = None) -> list[int]:
         """Token ids for a prompt: ids pass through; text is encoded raw, or rendered with the chat template."""
         if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
+            return as_token_ids(prompt)
+        check_text(prompt)
         if self.tokenizer is None:
             raise PromptError(f"{self.folder} has no tokenizer.json; give the prompt as token ids")
         if chat:
@@ -102,6 +103,8 @@ class LLM:
         """Token ids of a whole conversation (system, few-shot turns, question) in the model's chat template."""
         if self.tokenizer is None:
             raise PromptError(f"{self.folder} has no tokenizer.json; chat messages need one")
+        for message in messages:
+            check_text(str(message.get("content", "")), "a message")
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(list(messages)), add_special_tokens=False)
 
     # ---- generation ---------------------------------------------------------------------------------------
@@ -121,7 +124,10 @@ class LLM:
         `sampling_params`: one for all prompts or one per prompt. `sampler`: a name (with `sampler_params` as its
         fields), a parameter object (`DiffusionParams(...)`), or one parameter object per prompt: requests of
         different samplers share the engine's steps. `progress`: a progress bar (default: for 8 prompts or more)."""
-        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))  # type: ignore[index]
+        if getattr(prompts, "ndim", None) is not None:  # a tensor or an array: one prompt per row
+            single = prompts.ndim == 1  # type: ignore[union-attr]
+        else:
+            single = isinstance(prompts, str) or (bool(prompts) and not isinstance(prompts[0], (str, list, tuple)))  # type: ignore[index]
         items: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
         params = self._per_prompt(sampling_params, len(items), "sampling_params", SamplingParams())
         if isinstance(sampler, Sampler):

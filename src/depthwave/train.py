@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -38,7 +39,15 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from depthwave.data.arithmetic import Problem, extract_answer, make_split, train_batch
+from depthwave.data.arithmetic import (
+    DISTRIBUTIONS,
+    MAX_ANSWER_TOKENS,
+    Distribution,
+    Problem,
+    extract_answer,
+    make_split,
+    train_batch,
+)
 from depthwave.data.tokenizer import (
     BEGIN_TEXT,
     END_TURN,
@@ -49,7 +58,7 @@ from depthwave.data.tokenizer import (
     stop_token_ids,
     train_arithmetic_tokenizer,
 )
-from depthwave.errors import DepthwaveError
+from depthwave.errors import DepthwaveError, one_line
 from depthwave.model.config import HuginnConfig
 from depthwave.model.loading import load_model, save_model
 from depthwave.model.model import RecurrentDepthModel
@@ -58,7 +67,6 @@ from depthwave.samplers.static import StaticParams, StaticSampler
 
 # Positions the built-in model supports: the longest prompt plus solution is about 130 tokens.
 CONTEXT_LENGTH = 256
-MAX_ANSWER_TOKENS = 128
 IGNORE_INDEX = -100
 CHECKPOINT_DIR = "checkpoint"
 EXPORT_DIR = "model"
@@ -76,11 +84,18 @@ class TrainingError(DepthwaveError, ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The defaults are the built-in model's recipe: the released 2/4/2 layout at width 128 (1.8M parameters,
-    7.3 MB in fp32), mean_recurrence 32. Backprop depth 4 instead of Huginn's 8 makes a CPU step about 28%
-    cheaper and learned this task as well in trial runs."""
+    """The defaults are the built-in model's recipe (the `builtin` preset): the released 2/4/2 layout at width 128
+    (1.8M parameters, 7.3 MB in fp32), mean_recurrence 32, from scratch on the classic problems. Backprop depth 4
+    instead of Huginn's 8 makes a CPU step about 28% cheaper and learned this task as well in trial runs. The
+    `wide` preset continues a model on the wide problems."""
 
     out_dir: str
+    distribution: Distribution = "classic"
+    """The problems trained and validated on: "classic" (six templates, small word lists) or "wide" (many
+    wordings, wide word pools, reordered two-step problems and bare arithmetic)."""
+    init_from: str | None = None
+    """A model folder to start from (its weights and tokenizer) instead of a fresh initialisation; its
+    architecture must match this config's."""
     n_embd: int = 128
     n_heads: int = 4
     intermediate_size: int = 384
@@ -164,6 +179,10 @@ class TrainConfig:
             raise TrainingError(f"stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
         if self.precision not in ("bf16", "fp32"):
             raise TrainingError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise TrainingError(f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise TrainingError(f"init_from must be a model folder with a config.json, got {self.init_from!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise TrainingError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
@@ -189,7 +208,21 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # The shipped built-in model: from scratch on the classic problems (3000 steps).
     "builtin": {},
+    # Continued training on the wide problems (pass --init-from a model folder, e.g. the built-in model's).
+    # fp32: on a CPU without native bf16 (an AMD EPYC here) bf16 autocast is 5-7x slower, not faster.
+    "wide": dict(
+        distribution="wide",
+        steps=1000,
+        batch_size=16,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=50,
+        precision="fp32",
+        eval_every=250,
+        checkpoint_every=100,
+    ),
     # A few seconds on a CPU: for tests and for checking an installation.
     "smoke": dict(
         n_embd=32,
@@ -368,7 +401,7 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     if differing:
         raise TrainingError(
             "cannot resume: the checkpoint was trained with other settings (pass the same flags as "
-            "the original run):\n  " + "\n  ".join(differing)
+            "the original run): " + "; ".join(differing)
         )
 
 
@@ -409,6 +442,43 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
+# Architecture fields a model given by init_from must share with the config.
+_ARCHITECTURE = (
+    "n_embd",
+    "n_heads",
+    "intermediate_size",
+    "n_layers_in_prelude",
+    "n_layers_in_recurrent_block",
+    "n_layers_in_coda",
+    "mean_recurrence",
+    "mean_backprop_depth",
+    "vocab_size",
+)
+
+
+def _initial_model(config: TrainConfig, device: torch.device) -> tuple[Tokenizer, RecurrentDepthModel]:
+    """A fresh model with a tokenizer trained on the config's problems, or the init_from model and its
+    tokenizer."""
+    if config.init_from is None:
+        tokenizer = train_arithmetic_tokenizer(config.vocab_size, config.data_seed, distribution=config.distribution)
+        with torch.device(device):
+            model = RecurrentDepthModel(config.model_config(tokenizer))
+        model.init_weights(_step_generator(config.seed, 0, 0, device))
+        return tokenizer, model
+    folder = Path(config.init_from)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    model = load_model(folder, device, torch.float32).train().requires_grad_(True)
+    wanted = config.model_config(tokenizer)
+    differing = [
+        f"{name}: model {getattr(model.config, name)!r}, config {getattr(wanted, name)!r}"
+        for name in _ARCHITECTURE
+        if getattr(model.config, name) != getattr(wanted, name)
+    ]
+    if differing:
+        raise TrainingError(f"init_from {folder} has another architecture: " + "; ".join(differing))
+    return tokenizer, model
+
+
 def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None] = print) -> TrainSummary:
     """Run (or continue, with `resume`) the training described by `config`; see the module docstring."""
     out_dir = Path(config.out_dir)
@@ -433,10 +503,7 @@ def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
     else:
-        tokenizer = train_arithmetic_tokenizer(config.vocab_size, config.data_seed)
-        with torch.device(device):
-            model = RecurrentDepthModel(config.model_config(tokenizer))
-        model.init_weights(_step_generator(config.seed, 0, 0, device))
+        tokenizer, model = _initial_model(config, device)
         optimizer = make_optimizer(model, config)
         start = 0
 
@@ -448,7 +515,11 @@ def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None
         log_file.flush()
 
     pad_id = special_token_ids(tokenizer)[PAD]
-    validation = make_split("validation", config.eval_problems, config.data_seed) if config.eval_every else []
+    validation = (
+        make_split("validation", config.eval_problems, config.data_seed, config.distribution)
+        if config.eval_every
+        else []
+    )
     end = config.stop_at or config.steps
     summary = TrainSummary(start_step=start, end_step=start)
     parameters = sum(p.numel() for p in model.parameters())
@@ -473,7 +544,10 @@ def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None
             lr = learning_rate(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            examples = [encode_problem(tokenizer, p) for p in train_batch(config.data_seed, step, config.batch_size)]
+            examples = [
+                encode_problem(tokenizer, p)
+                for p in train_batch(config.data_seed, step, config.batch_size, config.distribution)
+            ]
             inputs, targets = (t.to(device) for t in collate(examples, pad_id))
             # Drawn on the CPU so that a run samples the same depths on any device.
             depth_generator = _step_generator(config.seed, step, 1, torch.device("cpu"))
@@ -570,6 +644,8 @@ _FLAG_HELP = {
     "log_every": "progress line every N steps",
     "stop_at": "checkpoint and stop after this step",
     "device": "auto, cpu, cuda or cuda:N",
+    "distribution": "problems to train on: classic or wide",
+    "init_from": "model folder to start from instead of a fresh model",
     "threads": "torch CPU threads (0: default)",
 }
 
@@ -587,8 +663,8 @@ def build_parser(prog: str = "python -m depthwave.train") -> argparse.ArgumentPa
     for f in fields(TrainConfig):
         if f.name == "out_dir":
             continue
-        kind = {"str": str, "float": float}.get(str(f.type), int)
-        choices = ("bf16", "fp32") if f.name == "precision" else None
+        kind = {"str": str, "str | None": str, "Distribution": str, "float": float}.get(str(f.type), int)
+        choices = {"precision": ("bf16", "fp32"), "distribution": DISTRIBUTIONS}.get(f.name)
         parser.add_argument(
             "--" + f.name.replace("_", "-"), type=kind, choices=choices, default=None, help=_FLAG_HELP[f.name]
         )
@@ -613,7 +689,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m depthwave.tra
         config = config_from_args(args)
         train(config, resume=args.resume)
     except TrainingError as exc:
-        print(f"error: {exc}")
+        # One line on stderr, as every depthwave command reports a user error.
+        print(f"depthwave: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     return 0
 

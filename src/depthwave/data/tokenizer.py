@@ -21,7 +21,7 @@ from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from depthwave.data.arithmetic import iter_train
+from depthwave.data.arithmetic import Distribution, iter_train
 
 BEGIN_TEXT = "<|begin_text|>"
 END_TEXT = "<|end_text|>"
@@ -79,9 +79,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
     return tokenizer
 
 
-def train_arithmetic_tokenizer(vocab_size: int = 1024, seed: int = 0, num_problems: int = 4096) -> Tokenizer:
-    """The built-in model's tokenizer, trained on train-split problems only."""
-    problems = islice(iter_train(seed), num_problems)
+def train_arithmetic_tokenizer(
+    vocab_size: int = 1024, seed: int = 0, num_problems: int = 4096, distribution: Distribution = "classic"
+) -> Tokenizer:
+    """A tokenizer for the arithmetic problems, trained on train-split problems only. The built-in model's is
+    the classic one; the byte-level alphabet splits any word it never merged (an unseen name) into byte pieces."""
+    problems = islice(iter_train(seed, distribution), num_problems)
     texts = [_FORMAT_WORDS, *(f"{p.question}\n\n{p.solution}" for p in problems)]
     return train_tokenizer(texts, vocab_size)
 

@@ -19,10 +19,12 @@ each sampler decides what became final, with one host synchronisation per pass.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -189,11 +191,40 @@ def fetch(tensors: list[Tensor]) -> list[list[float]]:
     return out
 
 
+def as_token_ids(values: Any) -> list[int]:
+    """Token ids as a list of ints: a sequence of integers (Python or numpy) or a 1-D integer tensor. Anything
+    else (floats, booleans, text, a 2-D tensor) is a PromptError, never silently truncated."""
+    if isinstance(values, (str, bytes)):
+        raise PromptError("the prompt must be token ids here; encode text with the tokenizer first")
+    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise PromptError(f"prompt token ids must be integers, got a {values.dtype} tensor")
+        if values.dim() != 1:
+            raise PromptError(f"prompt token ids must be one sequence (a 1-D tensor), got shape {list(values.shape)}")
+        return [int(t) for t in values.tolist()]
+    ids = list(values)
+    for position, value in enumerate(ids):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise PromptError(
+                f"prompt token ids must be integers, got {value!r} ({type(value).__name__}) at position {position}"
+            )
+    return [int(t) for t in ids]
+
+
+def check_text(text: str, what: str = "the prompt") -> None:
+    """Refuse text that is not valid Unicode: a command-line argument with invalid UTF-8 bytes arrives with them
+    as lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        detail = f"the byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"U+{ord(char):04X}"
+        raise PromptError(f"{what} is not valid UTF-8 text: {detail} at character {exc.start}") from None
+
+
 def check_prompt(prompt_ids: Sequence[int], config: HuginnConfig) -> list[int]:
     """The prompt as a list of ints, or a PromptError naming what is wrong with it."""
-    if isinstance(prompt_ids, (str, bytes)):
-        raise PromptError("the prompt must be token ids here; encode text with the tokenizer first")
-    prompt = [int(t) for t in prompt_ids]
+    prompt = as_token_ids(prompt_ids)
     if not prompt:
         raise PromptError("the prompt is empty; give at least one token")
     bad = [t for t in prompt if not 0 <= t < config.vocab_size]

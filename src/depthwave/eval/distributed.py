@@ -9,26 +9,33 @@ an address (for example "auto" inside a cluster job, or "ray://head:10001"), it 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
-from depthwave.eval.harness import EvalSettings, Evaluator, Work
 from depthwave.eval.tasks.base import require
 
 Result = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 
-class _Worker:
-    """Holds one Evaluator (model, tokenizer, samplers) for the life of the Ray actor."""
+class ChunkRunner(Protocol):
+    """What a worker holds: the harness's Evaluator (this module does not import the harness, which imports it)."""
 
-    def __init__(self, settings: EvalSettings) -> None:
-        self.evaluator = Evaluator(settings)
+    def run_chunk(
+        self, chunk: list[Any], turn: int, emit: Callable[[list[dict[str, Any]]], None]
+    ) -> list[dict[str, Any]]: ...
+
+
+class _Worker:
+    """Holds one runner (model, tokenizer, samplers) for the life of the Ray actor."""
+
+    def __init__(self, make_runner: Callable[[], ChunkRunner]) -> None:
+        self.runner = make_runner()
         self.turn = 0
 
-    def run(self, chunk: list[Work]) -> Result:
+    def run(self, chunk: list[Any]) -> Result:
         """A chunk's records and batch lines."""
         records: list[dict[str, Any]] = []
-        lines = self.evaluator.run_chunk(chunk, self.turn, records.extend)
+        lines = self.runner.run_chunk(chunk, self.turn, records.extend)
         self.turn += 1
         return records, lines
 
@@ -55,9 +62,14 @@ def start_local_ray(cpus: int) -> None:
 
 
 def run_distributed(
-    settings: EvalSettings, work: list[list[Work]], workers: int, address: str | None = None
+    make_runner: Callable[[], ChunkRunner],
+    work: list[list[Any]],
+    workers: int,
+    address: str | None = None,
+    gpus: int = 0,
 ) -> Iterator[Result]:
-    """Yield each chunk's records and batch lines as a worker finishes it (in completion order)."""
+    """Yield each chunk's records and batch lines as a worker finishes it (in completion order). Each worker
+    builds its runner with `make_runner` (picklable: it travels to the Ray actor) and gets `gpus` GPUs."""
     if not work:
         return
     ray = require("ray", "running the evaluation on several workers")
@@ -68,9 +80,8 @@ def run_distributed(
         else:
             start_local_ray(workers)
     try:
-        gpus = 1 if (settings.device or "").startswith("cuda") else 0
         actor = ray.remote(num_cpus=1, num_gpus=gpus)(_Worker)
-        pool = [actor.remote(settings) for _ in range(min(workers, len(work)))]
+        pool = [actor.remote(make_runner) for _ in range(min(workers, len(work)))]
         queue = list(reversed(work))
         running: dict[Any, Any] = {}
         for worker in pool:

@@ -21,6 +21,7 @@ synchronisation); the prefill is reported separately (median per request).
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import statistics
@@ -48,6 +49,11 @@ class SamplerSpec:
     label: str = ""
 
     def __post_init__(self) -> None:
+        from depthwave.llm import LLM
+
+        # Built once here to check the name and every value (a string where a boolean belongs, ...) before a run
+        # writes its settings.json.
+        LLM.sampler_params(self.kind, **self.params)
         if not self.label:
             shown = ",".join(f"{k}={v}" for k, v in self.params.items())
             object.__setattr__(self, "label", f"{self.kind}({shown})" if shown else self.kind)
@@ -444,8 +450,10 @@ def run_eval(
         if workers > 1 or ray_address:
             from depthwave.eval.distributed import run_distributed
 
+            gpus = 1 if (settings.device or "").startswith("cuda") else 0
+            make_runner = functools.partial(Evaluator, settings)
             for records, lines in run_distributed(
-                settings, list(chunks(work, settings.batch_size)), workers, ray_address
+                make_runner, list(chunks(work, settings.batch_size)), workers, ray_address, gpus
             ):
                 emit(records)
                 batches.write(lines)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from depthwave.errors import CheckpointError
+from depthwave.errors import CheckpointError, DepthwaveError
+from depthwave.hub import quiet_hub
 from depthwave.model.config import HuginnConfig
 from depthwave.model.model import RecurrentDepthModel
 
@@ -48,7 +51,8 @@ def resolve_model_dir(path_or_id: str | Path, revision: str | None = None) -> Pa
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise CheckpointError(f"{text} is not a local folder and huggingface_hub is not importable: {exc}") from None
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS))
+        with quiet_hub():
+            return Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS))
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{text} is not a local folder and could not be fetched from the Hugging Face hub: the hub is "
@@ -64,7 +68,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _open_safetensors(single) as f:
             return dict.fromkeys(f.keys(), single)
     if index.is_file():
         try:
@@ -78,10 +82,40 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder}")
 
 
+@contextmanager
+def _open_safetensors(path: Path, device: torch.device | str = "cpu") -> Iterator[Any]:
+    """safe_open, with a damaged file (truncated, corrupted, not safetensors) reported as a CheckpointError that
+    names it."""
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            yield f
+    except DepthwaveError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError, an OSError or a RuntimeError
+        raise CheckpointError(
+            f"cannot read {path}: the file is truncated, corrupted or not safetensors ({exc})"
+        ) from None
+
+
+def _finite(tensor: torch.Tensor, dtype: torch.dtype, key: str, path: Path) -> torch.Tensor:
+    """The tensor in `dtype`, refused when it holds NaN or inf, or when the conversion overflows (a bf16 or fp32
+    weight beyond float16's range): a model that would only ever print garbage is not loaded."""
+    converted = tensor.to(dtype)
+    if bool(torch.isfinite(converted).all()):
+        return converted
+    if not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"tensor {key} in {path} holds NaN or inf values; the checkpoint is damaged")
+    largest = float(tensor.abs().max())
+    raise CheckpointError(
+        f"tensor {key} in {path} overflows {str(dtype).removeprefix('torch.')} (largest magnitude {largest:.4g}); "
+        "load the model as bfloat16 (dtype='bfloat16') or float32"
+    )
+
+
 def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(set(files.values())):
-        with safe_open(path, framework="pt") as f:
+        with _open_safetensors(path) as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if files.get(key) == path:
                     shapes[key] = tuple(f.get_slice(key).get_shape())
@@ -138,9 +172,9 @@ def load_model(
 
     state: dict[str, torch.Tensor] = {}
     for path, keys in _group_by_file(files, found.keys() - IGNORED_KEYS):
-        with safe_open(path, framework="pt", device=str(device)) as f:
+        with _open_safetensors(path, device) as f:
             for key in keys:
-                state[key] = f.get_tensor(key).to(target_dtype)
+                state[key] = _finite(f.get_tensor(key), target_dtype, key, path)
     if config.tie_embeddings:
         _merge_tied(state)
     model.load_state_dict(state, strict=False, assign=True)

@@ -50,8 +50,10 @@ class Tokenizer:
             self._tok = FastTokenizer.from_file(str(path))
         except Exception as exc:
             raise CheckpointError(f"cannot read {path}: {exc}") from None
-        self.config = _read_json(folder / "tokenizer_config.json")
+        self.config_path = folder / "tokenizer_config.json"
+        self.config = _read_json(self.config_path)
         self.chat_template: str | None = self.config.get("chat_template")
+        self._template = self._compile_template()
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
 
@@ -69,8 +71,25 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise CheckpointError(f"this tokenizer has no chat_template in {self.config_path}")
+        from jinja2 import TemplateError
+
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            raise CheckpointError(f"the chat_template of {self.config_path} failed: {exc}") from None
+
+    def _compile_template(self) -> Any:
+        """The chat template compiled once, as transformers renders it; a syntax error names the file."""
         if not self.chat_template:
-            raise CheckpointError("this tokenizer has no chat_template in tokenizer_config.json")
+            return None
+        from jinja2 import TemplateSyntaxError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
@@ -78,12 +97,13 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            return env.from_string(self.chat_template)
+        except TemplateSyntaxError as exc:
+            raise CheckpointError(
+                f"the chat_template in {self.config_path} is not valid Jinja (template line {exc.lineno}: "
+                f"{exc.message})"
+            ) from None
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer | None:

@@ -115,6 +115,15 @@ class DiffusionParams:
         )
         need(self.freeze in FREEZE_RULES, "freeze", f"one of {FREEZE_RULES}")
         need(
+            self.mode == "reference"
+            or self.exit_threshold > 0
+            or self.freeze not in LATENT_RULES
+            or self.max_recurrences is not None,
+            "exit_threshold",
+            f"> 0 with freeze={self.freeze!r} unless max_recurrences is set (no latent change is below 0, so "
+            "nothing would ever freeze)",
+        )
+        need(
             self.num_steps is None or (is_int(self.num_steps) and self.num_steps >= 1),
             "num_steps",
             "None or an integer >= 1",
@@ -248,6 +257,18 @@ class DiffusionPolicy(Policy):
                 f"({num_steps})"
             )
         quirks = diffusion_quirks(params.mode)
+        if quirks.stops_at_context_end and prompt_len + 1 + headway > config.block_size:
+            raise InvalidParameterError(
+                f"with mode='reference' the loop ends once its window passes the context: headway={headway} after "
+                f"a {prompt_len}-token prompt does not fit in the {config.block_size}-position context, so it "
+                "could never freeze a token; lower headway or use mode='default'"
+            )
+        if quirks.random_tokens_below_65510 and headway > 1 and config.vocab_size < 65510:
+            raise InvalidParameterError(
+                f"with mode='reference' and headway > 1 new positions get random token ids below 65510, as in the "
+                f"official code, which this model's vocabulary ({config.vocab_size}) does not hold; use "
+                "mode='default'"
+            )
         budget = (
             sampling.max_new_tokens if quirks.budget_ignores_context else token_budget(prompt_len, sampling, config)
         )
@@ -374,6 +395,12 @@ class DiffusionPolicy(Policy):
             opened, grown = cap - size, cap
             w.length = start + cap
             self.standing_waves += 1
+        end = self.ctx.model.config.block_size
+        if start + grown > end and not quirks.stops_at_context_end:
+            # The context ends here: open only the positions it still has, and keep refining the ones in flight
+            # until they freeze, so that the output fills the context as static decoding does.
+            opened, grown = max(end - start - size, 0), min(grown, end - start)
+            w.length = start + grown
         latent_last, stable_last, capped_last = decision
         compared_from = self._compared_from(start, size)
         froze, keep = freeze(
@@ -470,7 +497,9 @@ class DiffusionPolicy(Policy):
         assert output is not None
         w = self.window
         produced = w.frozen - self.prompt_len if self.quirks.uncut_output else len(output.tokens)
-        if produced >= self.request.budget or w.length > self.ctx.model.config.block_size:
+        end = self.ctx.model.config.block_size
+        full = w.length > end if self.quirks.stops_at_context_end else w.frozen >= end
+        if produced >= self.request.budget or full:
             self.finish("length")
 
     # ---- per-row helpers: opening positions, the rarer freeze rules ------------------------------------

@@ -25,6 +25,9 @@ class DiffusionQuirks:
     """The result holds every frozen token, not cut at the first stop token nor at `max_new_tokens`."""
     budget_ignores_context: bool
     """The token budget is `max_new_tokens`, not capped where the model's context ends."""
+    stops_at_context_end: bool
+    """The loop ends as soon as the window would reach past the context, leaving the positions still in flight
+    unfrozen, instead of refining them until the context is full."""
     frozen_may_shrink: bool
     """A freeze sets the frozen count to the new boundary even when that is below the previous one, and a boundary
     at the window's start freezes nothing new."""

@@ -91,6 +91,10 @@ class SpeculativeStats(GenerationStats):
     accepted_drafts_per_round: float = 0.0
     tokens_per_round: float = 0.0
     bonus_tokens: int = 0
+    """Bonus tokens kept in the output (a round that accepts all its drafts adds the verifier's next token)."""
+    corrections: int = 0
+    """Rounds that rejected a draft and added the verifier's token instead. Every token after the first is an
+    accepted draft, a bonus token or a correction."""
     sequential_core_steps: int = 0
 
     sampler: ClassVar[str] = "speculative"
@@ -139,7 +143,7 @@ class SpeculativePolicy(Policy):
         self.draft_probs = (
             torch.zeros(params.lookahead + 1, model.config.vocab_size, device=model.device) if self.exact else None
         )
-        self.rounds = self.drafted = self.accepted = self.bonus = 0
+        self.rounds = self.drafted = self.accepted = self.bonus = self.corrections = 0
         self.core_steps = self.num_steps
         self.returned: int | None = None
 
@@ -259,9 +263,13 @@ class SpeculativePolicy(Policy):
         self.drafted += k
         self.accepted += accepted
         fresh = drafts[:accepted]
-        if accepted < k or not self.quirks.no_bonus_token:
+        if accepted < k:
             fresh.append(correction)
-            self.bonus += accepted == k
+            self.corrections += 1
+        elif not self.quirks.no_bonus_token:
+            fresh.append(correction)
+            # Counted when kept: the budget cuts the bonus of a last round that drafted up to it.
+            self.bonus += self.quirks.overshoot_budget or len(output.tokens) + len(fresh) <= self.request.budget
         # Keep the K/V of every position whose input token stays, which is all but the new newest token.
         self.ctx.pool.rollback(self.row, self.length + len(fresh) - 1)
         self.length += len(fresh)
@@ -382,6 +390,7 @@ class SpeculativePolicy(Policy):
             accepted_drafts_per_round=self.accepted / rounds if rounds else 0.0,
             tokens_per_round=(emitted - 1) / rounds if rounds else 0.0,
             bonus_tokens=self.bonus,
+            corrections=self.corrections,
             sequential_core_steps=self.core_steps,
         )
 

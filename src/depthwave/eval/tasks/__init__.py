@@ -6,7 +6,7 @@ import inspect
 from typing import Any
 
 from depthwave.errors import InvalidParameterError
-from depthwave.eval.tasks.arithmetic import ArithmeticTask
+from depthwave.eval.tasks.arithmetic import ArithmeticTask, ArithmeticUnseenTask
 from depthwave.eval.tasks.base import (
     Messages,
     MissingDependencyError,
@@ -21,7 +21,7 @@ from depthwave.eval.tasks.math500 import Math500Task
 from depthwave.eval.tasks.mbpp import MBPPTask
 
 TASKS: dict[str, type[Task]] = {
-    task.name: task for task in (GSM8KTask, Math500Task, HumanEvalTask, MBPPTask, ArithmeticTask)
+    task.name: task for task in (GSM8KTask, Math500Task, HumanEvalTask, MBPPTask, ArithmeticTask, ArithmeticUnseenTask)
 }
 
 
@@ -40,6 +40,7 @@ def get_task(name: str, **options: Any) -> Task:
 __all__ = [
     "TASKS",
     "ArithmeticTask",
+    "ArithmeticUnseenTask",
     "GSM8KTask",
     "HumanEvalTask",
     "MBPPTask",

@@ -1,16 +1,21 @@
-"""The built-in model's task: the shipped test set of arithmetic word problems (depthwave.data.arithmetic), asked
-as one user turn in the built-in chat format and scored, as in training, on the first `The answer is N.`."""
+"""The built-in model's tasks: the shipped arithmetic word problems (depthwave.data.arithmetic), asked as one
+user turn in the built-in chat format and scored, as in training, on the first `The answer is N.`.
+
+* `arithmetic`: the classic test set, unchanged since the first built-in model;
+* `arithmetic-unseen`: the unseen set, whose names, items, shops, activities and wordings never occur in
+  training; each sample keeps its kind (template, or `bare_add` etc. for bare arithmetic)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from depthwave.data.arithmetic import extract_answer
+from depthwave.data.arithmetic import MAX_ANSWER_TOKENS, extract_answer
 from depthwave.data.tokenizer import END_TURN, question_prompt
 from depthwave.eval.tasks.base import Messages, Record, Sample, Score, Task
-from depthwave.train import MAX_ANSWER_TOKENS
 
-TEST_SET = Path(__file__).resolve().parents[2] / "assets" / "arithmetic" / "test.jsonl"
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "arithmetic"
+TEST_SET = ASSETS / "test.jsonl"
+UNSEEN_SET = ASSETS / "unseen.jsonl"
 
 
 class ArithmeticTask(Task):
@@ -33,7 +38,10 @@ class ArithmeticTask(Task):
         gold = extract_answer(solution)
         if gold is None:
             raise record.error("field 'answer' has no final 'The answer is N.' line")
-        return Sample(f"arithmetic/{index:04d}", record.get("question"), str(gold), {"solution": solution})
+        meta = {"solution": solution}
+        if "kind" in record.data:
+            meta["kind"] = record.get("kind")
+        return Sample(f"{self.name}/{index:04d}", record.get("question"), str(gold), meta)
 
     def messages(self, sample: Sample) -> Messages:
         return [{"role": "user", "content": sample.question}]
@@ -45,3 +53,11 @@ class ArithmeticTask(Task):
         answer = extract_answer(text)
         extracted = None if answer is None else str(answer)
         return Score(extracted == sample.reference, extracted)
+
+
+class ArithmeticUnseenTask(ArithmeticTask):
+    name = "arithmetic-unseen"
+    data_files = ("unseen.jsonl",)
+
+    def default_files(self) -> list[Path]:
+        return [UNSEEN_SET]

@@ -134,9 +134,12 @@ def hub_file(repo_id: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    from depthwave.hub import quiet_hub
+
     source = f"{filename} of the dataset {repo_id}"
     try:
-        return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
+        with quiet_hub():
+            return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
     except LocalEntryNotFoundError:
         raise TaskDataError(
             f"could not fetch {source} from the Hugging Face hub: the hub is unreachable (offline) and the file is "
