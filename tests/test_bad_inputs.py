@@ -7,6 +7,7 @@ random checkpoint written here (these tests never need ../shared)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import sys
@@ -114,6 +115,8 @@ EVAL_CASES = [
     (["--samplers", "static(num_steps=true)"], "num_steps must be None or an integer >= 1, got True"),
     (["--samplers", "banana"], "unknown sampler 'banana'"),
     (["--tasks", "nope"], "unknown task 'nope'"),
+    (["--data", "arithmetic=/nonexistent/test.jsonl"], "/nonexistent/test.jsonl does not exist"),
+    (["--data", "gsm8k=/tmp/x.jsonl"], "data given for tasks not in the run: ['gsm8k']"),
 ]
 
 
@@ -286,11 +289,18 @@ def test_bad_sampler_parameters_are_refused(sampler: str, params: dict[str, Any]
         ({"temperature": float("inf")}, "temperature must be a finite number >= 0, got inf"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1, got True"),
+        ({"ignore_eos": "no"}, "ignore_eos must be true or false, got 'no'"),
+        ({"stop_token_ids": (1.5,)}, r"stop_token_ids must be non-negative integers, got \[1.5\]"),
     ],
 )
 def test_bad_sampling_parameters_are_refused(params: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidParameterError, match=message):
         SamplingParams(**params)
+
+
+def test_a_single_stop_string_is_one_stop_string() -> None:
+    assert SamplingParams(stop="The answer").stop == ("The answer",)
 
 
 def test_reference_diffusion_settings_that_could_never_progress_are_refused(llm: LLM) -> None:
@@ -306,3 +316,27 @@ def test_a_library_error_is_a_depthwave_error(llm: LLM) -> None:
     with pytest.raises(DepthwaveError):
         llm.generate([1.5], SamplingParams(max_new_tokens=2), sampler="static")
     assert len(llm.generate([1, 2], SamplingParams(max_new_tokens=2), sampler="static")[0].token_ids) == 2
+
+
+@pytest.mark.parametrize(
+    ("file", "change", "message"),
+    [
+        ("config.json", lambda text: "{not json", r"config\.json is not valid JSON"),
+        ("config.json", lambda text: text.replace('"n_heads": 4', '"n_heads": "four"'), "'n_heads' must be an integer"),
+        ("tokenizer.json", lambda text: "{bad", r"cannot read .*tokenizer\.json"),
+        ("generation_config.json", lambda text: '{"eos_token_id": "x"}', "eos_token_id must be a token id or a list"),
+    ],
+)
+def test_damaged_model_files_name_the_file(
+    file: str,
+    change: Any,
+    message: str,
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = copy_of(model_dir, tmp_path)
+    (folder / file).write_text(change((folder / file).read_text()))
+    code, err = run_cli(["generate", "--model", str(folder), "--prompt", "hi"], monkeypatch, capsys)
+    assert code == 2 and re.search(message, err), err

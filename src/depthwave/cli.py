@@ -340,10 +340,11 @@ def _run_with_progress(settings: Any, folder: Path, run: Any) -> Any:
     from depthwave.eval.harness import load_samples, pending_work, prepare_folder
     from depthwave.eval.tasks import get_task
 
-    tasks = {name: get_task(name) for name in settings.tasks}
+    # The data before the folder: a bad data path must not leave a settings.json that refuses the corrected rerun.
+    samples = load_samples(settings, {name: get_task(name) for name in settings.tasks})
     done = prepare_folder(folder, settings)
     labels = [s.label for s in settings.samplers]
-    pending = sum(len(labels) - len(skip) for *_, skip in pending_work(load_samples(settings, tasks), labels, done))
+    pending = sum(len(labels) - len(skip) for *_, skip in pending_work(samples, labels, done))
     progress = _EvalProgress(settings, folder)
     progress.progress.update(progress.bar, total=pending)
     with progress.progress:

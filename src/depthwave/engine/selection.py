@@ -72,6 +72,7 @@ class SamplingParams:
             "non-negative integers",
         )
         require(all(isinstance(t, str) and t for t in self.stop), "stop", list(self.stop), "non-empty strings")
+        require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
         require(
             self.seed is None or (is_int(self.seed) and self.seed >= 0), "seed", self.seed, "None or an integer >= 0"
         )

@@ -435,6 +435,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """Run (or resume) an evaluation into `folder`; returns the summary. `workers` > 1 spreads chunks of samples
     over Ray workers, each with its own model replica (see `depthwave.eval.distributed`)."""
+    # The data first: a bad data path fails before the folder is claimed, so the corrected rerun is not refused.
+    samples = load_samples(settings, {name: get_task(name) for name in settings.tasks})
     done = prepare_folder(folder, settings)
     labels = [s.label for s in settings.samplers]
     writer, batches = RecordWriter(folder), RecordWriter(folder, BATCHES_FILE)
@@ -445,8 +447,7 @@ def run_eval(
             on_records(records)
 
     try:
-        tasks = {name: get_task(name) for name in settings.tasks}
-        work = list(pending_work(load_samples(settings, tasks), labels, done))
+        work = list(pending_work(samples, labels, done))
         if workers > 1 or ray_address:
             from depthwave.eval.distributed import run_distributed
 

@@ -32,12 +32,16 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _ids(value: Any) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    return []
+def _ids(value: Any, where: Path) -> list[int]:
+    """eos_token_id: absent (None), an id or a list of ids; anything else is a damaged file, not a silent default."""
+    values = [value] if isinstance(value, int) else value
+    if value is None:
+        return []
+    if not isinstance(values, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    ):
+        raise CheckpointError(f"{where}: eos_token_id must be a token id or a list of token ids, got {value!r}")
+    return values
 
 
 class Tokenizer:
@@ -117,7 +121,7 @@ def default_stop_ids(folder: str | Path, config: HuginnConfig, tokenizer: Tokeni
     eos token and the Huginn end/begin-of-text and end-of-turn tokens where the tokenizer defines them."""
     folder = Path(folder)
     generation = _read_json(folder / "generation_config.json")
-    stops = _ids(generation.get("eos_token_id")) or config.eos_ids
+    stops = _ids(generation.get("eos_token_id"), folder / "generation_config.json") or config.eos_ids
     if tokenizer is not None:
         for name in (tokenizer.eos_token, *HUGINN_STOP_TOKENS):
             token_id = tokenizer.token_to_id(name) if name else None
