@@ -340,3 +340,23 @@ def test_damaged_model_files_name_the_file(
     (folder / file).write_text(change((folder / file).read_text()))
     code, err = run_cli(["generate", "--model", str(folder), "--prompt", "hi"], monkeypatch, capsys)
     assert code == 2 and re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    ("command", "what"),
+    [
+        (["lm-eval-tasks"], "the task folder"),
+        (["train", "--preset", "smoke", "--out"], "the training folder"),
+        (["eval", "--limit", "1", "--out"], "the output folder"),
+    ],
+)
+def test_output_folders_where_a_file_stands_are_refused(
+    command: list[str], what: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    code, err = run_cli([*command, str(taken)], monkeypatch, capsys)
+    assert code == 2 and f"{what} {taken} is a file; give a folder" in err
+    code, err = run_cli([*command, str(taken / "sub")], monkeypatch, capsys)
+    assert code == 2 and f"{what} {taken / 'sub'}: {taken} is a file, not a folder" in err
+    assert taken.read_text() == "mine"

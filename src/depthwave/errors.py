@@ -1,6 +1,7 @@
 """Exceptions that carry a message meant for the user, printed as one line by the CLI, and the small checks that
 parameter dataclasses validate their fields with."""
 
+from pathlib import Path
 from typing import Any
 
 
@@ -41,3 +42,17 @@ def require(ok: bool, name: str, value: Any, what: str) -> None:
 def one_line(message: str) -> str:
     """A message as one line: the commands' error contract prints exactly one line per error."""
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def make_output_folder(folder: Path, what: str = "the output folder") -> Path:
+    """Create `folder` and its parents, or refuse clearly when a file stands where a folder must be."""
+    if folder.exists() and not folder.is_dir():
+        raise InvalidParameterError(f"{what} {folder} is a file; give a folder")
+    blocking = next((parent for parent in folder.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise InvalidParameterError(f"{what} {folder}: {blocking} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidParameterError(f"cannot create {what} {folder}: {exc.strerror or exc}") from None
+    return folder

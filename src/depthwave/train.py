@@ -58,7 +58,7 @@ from depthwave.data.tokenizer import (
     stop_token_ids,
     train_arithmetic_tokenizer,
 )
-from depthwave.errors import DepthwaveError, one_line
+from depthwave.errors import DepthwaveError, make_output_folder, one_line
 from depthwave.model.config import HuginnConfig
 from depthwave.model.loading import load_model, save_model
 from depthwave.model.model import RecurrentDepthModel
@@ -507,7 +507,7 @@ def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None
         optimizer = make_optimizer(model, config)
         start = 0
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir, "the training folder")
     log_file = (out_dir / "log.jsonl").open("a", encoding="utf-8")
 
     def log(record: dict[str, Any]) -> None:
@@ -688,7 +688,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m depthwave.tra
     try:
         config = config_from_args(args)
         train(config, resume=args.resume)
-    except TrainingError as exc:
+    except DepthwaveError as exc:
         # One line on stderr, as every depthwave command reports a user error.
         print(f"depthwave: error: {one_line(str(exc))}", file=sys.stderr)
         return 2

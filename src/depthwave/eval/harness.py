@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from depthwave.errors import DepthwaveError, InvalidParameterError
+from depthwave.errors import DepthwaveError, InvalidParameterError, make_output_folder
 from depthwave.eval.tasks import Sample, Task, get_task
 
 RECORDS_FILE = "samples.jsonl"
@@ -396,9 +396,7 @@ class RecordWriter:
 
 def prepare_folder(folder: Path, settings: EvalSettings) -> set[tuple[str, str, str]]:
     """Create or reopen an output folder; returns the (task, sampler, sample id) triples already done."""
-    if folder.exists() and not folder.is_dir():
-        raise InvalidParameterError(f"the output folder {folder} is a file; give a folder (new or of an earlier run)")
-    folder.mkdir(parents=True, exist_ok=True)
+    make_output_folder(folder)
     settings_path = folder / SETTINGS_FILE
     if settings_path.is_file():
         earlier = EvalSettings.from_dict(json.loads(settings_path.read_text()))

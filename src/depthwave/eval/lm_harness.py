@@ -27,7 +27,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 
 from depthwave.engine import Request
-from depthwave.errors import InvalidParameterError
+from depthwave.errors import InvalidParameterError, make_output_folder
 from depthwave.eval.harness import sample_seed
 from depthwave.llm import LLM
 from depthwave.samplers import SamplingParams
@@ -294,7 +294,7 @@ def write_tasks(folder: str | Path, data: str | Path | None = None) -> list[Path
     from depthwave.eval.lm_eval_tasks import TASKS
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_output_folder(folder, "the task folder")
     source = Path(data or ARITHMETIC_TEST).resolve()
     if not source.is_file():
         raise InvalidParameterError(f"no data file {source}")
