@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from depthwave.errors import DepthwaveError, one_line
+from depthwave.errors import DepthwaveError, file_in_the_way, one_line
 
 app = typer.Typer(
     add_completion=False,
@@ -45,11 +45,9 @@ def _check_writable_file(path: Path, what: str) -> None:
     one of its folders should be."""
     if path.is_dir():
         _fail(f"{what} {path} is a folder; give a file path")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                _fail(f"{what} {path}: {parent} is a file, not a folder")
-            break
+    blocking = file_in_the_way(path)
+    if blocking is not None:
+        _fail(f"{what} {path}: {blocking} is a file, not a folder")
 
 
 def _parse_ids(text: str, what: str) -> list[int]:

@@ -1,6 +1,8 @@
 """Exceptions that carry a message meant for the user, printed as one line by the CLI, and the small checks that
 parameter dataclasses validate their fields with."""
 
+from __future__ import annotations
+
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +46,17 @@ def one_line(message: str) -> str:
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing parent of `path` when it is a file, not a folder (so `path` cannot be created)."""
+    existing = next((parent for parent in path.parents if parent.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def make_output_folder(folder: Path, what: str = "the output folder") -> Path:
     """Create `folder` and its parents, or refuse clearly when a file stands where a folder must be."""
     if folder.exists() and not folder.is_dir():
         raise InvalidParameterError(f"{what} {folder} is a file; give a folder")
-    blocking = next((parent for parent in folder.parents if parent.exists() and not parent.is_dir()), None)
+    blocking = file_in_the_way(folder)
     if blocking is not None:
         raise InvalidParameterError(f"{what} {folder}: {blocking} is a file, not a folder")
     try:
