@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from depthwave.data.arithmetic import extract_answer
+from depthwave.eval.convergence import latent_change_per_step
 from depthwave.eval.tasks.arithmetic import TEST_SET, UNSEEN_SET
 from depthwave.llm import LLM
 from depthwave.samplers import SamplingParams
@@ -99,22 +100,6 @@ def evaluate(llm: LLM, name: str, problems: list[Problem], sampler: str, r: int)
         run.kinds.append(problem.kind)
         run.new_tokens += len(result.token_ids)
     return run
-
-
-def latent_convergence(llm: LLM, questions: list[str], max_steps: int) -> list[float]:
-    """Mean over prompts and positions of ‖s_t - s_(t-1)‖ / ‖s_t‖ for t = 1..max_steps (random s_0, seeded)."""
-    model = llm.model
-    changes = torch.zeros(max_steps)
-    with torch.inference_mode():
-        for index, question in enumerate(questions):
-            ids = torch.tensor([llm.encode(question, chat=True)])
-            embedded = model.prelude(ids)
-            state = model.initial_state(embedded, 1.0, torch.Generator().manual_seed(index))
-            for t in range(max_steps):
-                new = model.core_step(state, embedded, step=t)
-                changes[t] += ((new - state).norm(dim=-1) / new.norm(dim=-1)).mean()
-                state = new
-    return (changes / len(questions)).tolist()
 
 
 def plot(path: Path, runs: list[Run], mean_recurrence: int, convergence: list[float], title: str) -> bool:
@@ -192,9 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_diffusion:
             runs.append(evaluate(llm, name, problems, "diffusion", mean_recurrence))
             print(f"{name} diffusion: {100 * runs[-1].accuracy:.1f}% of {len(problems)}", flush=True)
-    convergence = latent_convergence(
-        llm, [p.question for p in sets["test"][: args.convergence_prompts]], 2 * mean_recurrence
-    )
+    questions = [llm.encode(p.question, chat=True) for p in sets["test"][: args.convergence_prompts]]
+    convergence = latent_change_per_step(llm.model, questions, 2 * mean_recurrence)
     below = next((t + 1 for t, c in enumerate(convergence) if c < 0.03), None)
 
     print(f"\n{args.model}: greedy decoding, {args.problems} problems per set at r = {mean_recurrence}")

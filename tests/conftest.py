@@ -15,6 +15,7 @@ from depthwave.model import HuginnConfig
 SHARED = Path(os.environ.get("DEPTHWAVE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 FIXTURES = SHARED / "fixtures"
 REFERENCE_FIXTURES = ["reference-tiny-a", "reference-huginn-layout-a"]
+RETROFIT_FIXTURES = ["retrofit-llama-a", "retrofit-olmo-a"]
 
 
 def fixture_dir(name: str) -> Path:
@@ -66,3 +67,36 @@ def check_stops_streaming_and_seeds(sampler: Any, prompt: list[int], budget: int
     streamed: list[int] = []
     first = sampler.generate(prompt, seeded, on_token=streamed.append)
     assert streamed == first.token_ids == sampler.generate(prompt, seeded).token_ids
+
+
+def static_like_diffusion(r: int, r_inner: int) -> Any:
+    """The diffusion sampler reduced to static decoding at depth r: ε = 0 (no latent change is below 0, so nothing
+    freezes by convergence), a one-position wavefront, a depth cap of r (r_inner dividing it), no momentum, noise
+    or random initial state."""
+    from depthwave.samplers import DiffusionParams
+
+    return DiffusionParams(
+        inner_recurrence=r_inner,
+        exit_threshold=0.0,
+        momentum=0.0,
+        noise=0.0,
+        max_wavefront=1,
+        max_recurrences=r,
+        num_steps=r,
+        init_scale=0.0,
+    )
+
+
+def check_larger_threshold_freezes_further(traces: list[list[dict[str, Any]]]) -> None:
+    """Diffusion traces of one prompt at increasing ε: identical until their freeze decisions first differ, where
+    the larger ε has frozen strictly further; so the step of the first freeze never increases with ε."""
+    import itertools
+
+    first_freeze = [next(s["step"] for s in t if s["frozen_after"] > s["frozen_before"]) for t in traces]
+    assert first_freeze == sorted(first_freeze, reverse=True), first_freeze
+    for smaller, larger in itertools.pairwise(traces):
+        for a, b in zip(smaller, larger, strict=False):
+            if a["frozen_after"] != b["frozen_after"]:
+                assert b["frozen_after"] > a["frozen_after"], (a, b)
+                break
+            assert a["proposals"] == b["proposals"] and a["latent_change"] == b["latent_change"]

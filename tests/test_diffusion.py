@@ -13,7 +13,13 @@ import torch
 from depthwave import InvalidParameterError, SamplingParams, StaticParams, StaticSampler, random_model
 from depthwave.model import load_model
 from depthwave.samplers import DiffusionParams, DiffusionSampler
-from tests.conftest import fixture_dir, fixture_json, micro_config
+from tests.conftest import (
+    check_larger_threshold_freezes_further,
+    fixture_dir,
+    fixture_json,
+    micro_config,
+    static_like_diffusion,
+)
 
 
 def _reference_params(args: dict[str, Any]) -> DiffusionParams:
@@ -106,19 +112,7 @@ def test_one_position_wavefront_without_convergence_is_static_decoding(model) ->
     for r, r_inner in ((8, 4), (6, 2), (4, 1)):
         static = StaticSampler(model, params=StaticParams(num_steps=r, init_scale=0.0, cache_mode="shared"))
         expected = static.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=12))
-        diffusion = DiffusionSampler(
-            model,
-            params=DiffusionParams(
-                inner_recurrence=r_inner,
-                exit_threshold=0.0,
-                momentum=0.0,
-                noise=0.0,
-                max_wavefront=1,
-                max_recurrences=r,
-                num_steps=r,
-                init_scale=0.0,
-            ),
-        )
+        diffusion = DiffusionSampler(model, params=static_like_diffusion(r, r_inner))
         result = diffusion.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=12))
         assert result.token_ids == expected.token_ids
         assert result.stats.recurrences_per_token == [r] * 12
@@ -139,14 +133,7 @@ def test_larger_threshold_freezes_at_least_as_far(model) -> None:  # type: ignor
             )
             result = sampler.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True))
             traces.append(result.stats.trace)
-        first_freeze = [next(s["step"] for s in t if s["frozen_after"] > s["frozen_before"]) for t in traces]
-        assert first_freeze == sorted(first_freeze, reverse=True), first_freeze
-        for smaller, larger in itertools.pairwise(traces):
-            for a, b in zip(smaller, larger, strict=False):
-                if a["frozen_after"] != b["frozen_after"]:
-                    assert b["frozen_after"] > a["frozen_after"], (a, b)
-                    break
-                assert a["proposals"] == b["proposals"] and a["latent_change"] == b["latent_change"]
+        check_larger_threshold_freezes_further(traces)
 
 
 def test_seeded_sampling_repeats(model) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ from depthwave.model import load_model
 from depthwave.samplers.speculative import SpeculativeParams, SpeculativeSampler
 from tests.conftest import (
     REFERENCE_FIXTURES,
+    RETROFIT_FIXTURES,
     check_stops_streaming_and_seeds,
     fixture_dir,
     fixture_json,
@@ -38,7 +39,7 @@ def _params_for(case: dict[str, Any], mode: str) -> SpeculativeParams:
     )
 
 
-@pytest.mark.parametrize("name", REFERENCE_FIXTURES)
+@pytest.mark.parametrize("name", REFERENCE_FIXTURES + RETROFIT_FIXTURES)
 def test_reference_mode_matches_every_recorded_case(name: str) -> None:
     model = load_model(fixture_dir(name), dtype=torch.float32)
     prompts = fixture_json(name, "prompts.json")["prompts"]
@@ -51,7 +52,7 @@ def test_reference_mode_matches_every_recorded_case(name: str) -> None:
         assert result.token_ids == case["new_token_ids"], case["id"]
 
 
-@pytest.mark.parametrize("name", REFERENCE_FIXTURES)
+@pytest.mark.parametrize("name", REFERENCE_FIXTURES + RETROFIT_FIXTURES)
 def test_default_greedy_is_full_depth_greedy_decoding(name: str) -> None:
     model = load_model(fixture_dir(name), dtype=torch.float32)
     prompts = fixture_json(name, "prompts.json")["prompts"]

@@ -132,7 +132,7 @@ class PassResult:
     wave_out: Tensor
     """[B, S, D] their states after the pass's recurrences."""
     latents: Tensor
-    """[B, S, D] ln_f of wave_out."""
+    """[B, S, D] the coda's view of wave_out (ln_f of it for Huginn, wave_out itself for the retrofits)."""
     logits: Tensor | None
     """[N, V] fp32, the chunks' logits rows one after another."""
     logit_rows: list[slice]

@@ -10,7 +10,7 @@ The core block runs r times per token, so "one slot per layer" is a choice, not 
   one: the paper's KV sharing (the reference's ``latest-m4-compress-s4`` on the released 2/4/2 layout, but mapped
   by layer, so it is right for any layout). Slots: P + R + C per position, independent of r.
 
-Storage is one tensor per K and V, [slots, rows, heads, max_length, head_dim], allocated once per engine; a row
+Storage is one tensor per K and V, [slots, rows, kv_heads, max_length, head_dim], allocated once per engine; a row
 holds one sequence. A call writes the K/V of its (row, position) pairs by index (as gpt-fast's static cache does)
 and reads each row's positions 0..T-1 as a view. `lengths[row]` counts the positions whose entries are final;
 rolling a row back is lowering it (diffusion and speculative decoding roll rows back by different amounts), and
@@ -62,7 +62,7 @@ class KVPool:
         core_slots = self.core_layers * (max_steps if mode == "per-step" else 1)  # type: ignore[operator]
         self._coda_base = self.prelude_layers + core_slots
         self.num_slots = self._coda_base + config.n_layers_in_coda
-        shape = (self.num_slots, rows, config.n_heads, max_length, config.head_dim)
+        shape = (self.num_slots, rows, config.kv_heads, max_length, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         # Per-slot views, so a write indexes once instead of twice.

@@ -1,20 +1,23 @@
-"""The building blocks of a Huginn recurrent-depth model: RMSNorm, interleaved-pair RoPE, attention with a
-learned q/k bias, gated MLP, and the sandwich block with its four norms.
+"""The building blocks of a recurrent-depth model: RMSNorm, RoPE in its two conventions, grouped-query attention
+(with Huginn's learned q/k bias or OLMo-2's q/k norms), gated MLP, and the three block types: Huginn's sandwich
+block (four norms), the Llama pre-norm block and the OLMo-2 block (norms on the branch outputs).
 
-Module and parameter names match the official checkpoint keys (`norm_1`, `attn.Wqkv`, `attn.qk_bias`, ...), so a
-state dict loads without renaming.
+Module and parameter names match the official checkpoint keys (`norm_1`, `attn.Wqkv`, `attn.qk_bias`,
+`attn.q_norm`, ...), so a state dict loads without renaming.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from depthwave.model.config import HuginnConfig
     from depthwave.model.kv_cache import KVPool
     from depthwave.model.positions import Positions
 
@@ -34,28 +37,74 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
-def rope_table(head_dim: int, max_positions: int, base: float, device: torch.device | str | None = None) -> Tensor:
-    """Unit complex rotations e^(i·t·w_k), [max_positions, head_dim/2] complex64, w_k = base^(-2k/head_dim)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)[: head_dim // 2] / head_dim)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
-    return torch.polar(torch.ones_like(angles), angles)
+def rope_table(config: HuginnConfig, max_positions: int, device: torch.device | str | None = None) -> Tensor:
+    """Unit complex rotations for positions 0..max_positions-1, complex64:
+
+    * "pairs" (Huginn): [P, h/2], e^(i·t·w_k) with w_k = base^(-2k/h), rotating the pair (x_2k, x_2k+1);
+    * "half" (Llama / OLMo-2, transformers' layout): [P, h], cos + i·sin of the angles t·w_k with each half
+      repeated, rotating the pair (x_k, x_k+h/2); w_k as transformers computes it, with `rope_scaling` applied."""
+    head_dim, base = config.head_dim, config.rope_frequency_base
+    positions = torch.arange(max_positions, dtype=torch.float32, device=device)
+    if config.rope_style == "pairs":
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)[: head_dim // 2] / head_dim
+        angles = torch.outer(positions, base ** (-exponents))
+        return torch.polar(torch.ones_like(angles), angles)
+    angles = torch.outer(positions, scaled_frequencies(head_dim, base, config.rope_scaling, device))
+    angles = torch.cat((angles, angles), dim=-1)
+    return torch.complex(angles.cos(), angles.sin())
 
 
-def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
+def scaled_frequencies(
+    head_dim: int, base: float, scaling: dict[str, Any] | None, device: torch.device | str | None = None
+) -> Tensor:
+    """transformers' inverse frequencies 1/base^(2k/h), then the checkpoint's rope_scaling: "linear" divides all of
+    them by `factor`; "llama3" divides the low frequencies (wavelengths beyond L/low_freq_factor, L the original
+    context) by `factor`, keeps the high ones (below L/high_freq_factor) and blends linearly in between."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]  # type: ignore[index]
+    if kind != "llama3":
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]  # type: ignore[index]
+    context = scaling["original_max_position_embeddings"]  # type: ignore[index]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    blend = (context / wavelength - low) / (high - low)
+    blended = (1 - blend) * scaled / factor + blend * scaled
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_pairs(x: Tensor, rotation: Tensor) -> Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim (GPT-J convention, every dim rotates) in fp32, as
     complex products (a + ib)(cos + i sin). `rotation` must broadcast against x's shape with the last dim halved."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
+def rotate_half_split(x: Tensor, rotation: Tensor) -> Tensor:
+    """Rotate the pairs (x[i], x[i+h/2]) as transformers' Llama does: x·cos + rotate_half(x)·sin, with cos and sin
+    rounded to x's dtype and the products taken in it (in bf16 that rounds differently from Huginn's fp32)."""
+    cos, sin = rotation.real.to(x.dtype), rotation.imag.to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+ROTATIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"pairs": rotate_pairs, "half": rotate_half_split}
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool) -> Tensor:
-    """Softmax attention of q [B,H,S,h] over k, v [B,H,T,h]; `bias` is an additive [B or 1,1,S,T] mask (0 = attend,
-    -inf = not)."""
+    """Softmax attention of q [B,H,S,h] over k, v [B,G,T,h] (G divides H: each key/value head serves H/G query
+    heads); `bias` is an additive [B or 1,1,S,T] mask (0 = attend, -inf = not)."""
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
+    grouped = k.shape[1] != q.shape[1]
     if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] > 1:
         # On CPU, SDPA in bf16/fp16 is several times slower than a plain matmul + softmax for many queries
         # (for a single query it is the faster of the two).
+        if grouped:
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
         scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
         if is_causal:
             s, t = scores.shape[-2:]
@@ -64,32 +113,54 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: b
         if bias is not None:
             scores = scores + bias
         return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
+    if grouped:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, qk_bias: bool) -> None:
+    """`Wqkv` rows are [q: H·h | k: G·h | v: G·h]. Huginn adds a learned bias to q and k; OLMo-2 RMS-normalises
+    the whole q and k projections before the head split."""
+
+    def __init__(self, config: HuginnConfig) -> None:
         super().__init__()
-        self.n_heads = n_heads
-        self.head_dim = dim // n_heads
-        self.Wqkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.qk_bias = nn.Parameter(torch.zeros(2, 1, n_heads, self.head_dim)) if qk_bias else None
+        c = config
+        self.n_heads, self.kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_dim
+        q_width, kv_width = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+        self.Wqkv = nn.Linear(c.n_embd, q_width + 2 * kv_width, bias=False)
+        self.proj = nn.Linear(q_width, c.n_embd, bias=False)
+        self.qk_bias = nn.Parameter(torch.zeros(2, 1, c.n_heads, c.head_dim)) if c.qk_bias else None
+        self.q_norm = RMSNorm(q_width, c.norm_eps) if c.block_type == "olmo2" else None
+        self.k_norm = RMSNorm(kv_width, c.norm_eps) if c.block_type == "olmo2" else None
+        self.rotate = ROTATIONS[c.rope_style]
+        # q and k of equal shape rotate as one tensor: one op fewer per layer in the hot loop.
+        self.fused = self.kv_heads == self.n_heads and self.q_norm is None
 
     def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
-        batch, seq, dim = x.shape
-        qkv = F.linear(x, self.Wqkv.weight).view(batch, seq, 3, self.n_heads, self.head_dim)
-        qk = qkv[:, :, :2]
-        if self.qk_bias is not None:
-            qk = qk + self.qk_bias.view(2, self.n_heads, self.head_dim)
-        qk = apply_rope(qk, at.rotation)
-        k, v = qk[:, :, 1], qkv[:, :, 2]
+        batch, seq, _ = x.shape
+        qkv = F.linear(x, self.Wqkv.weight)
+        if self.fused:
+            qkv = qkv.view(batch, seq, 3, self.n_heads, self.head_dim)
+            qk = qkv[:, :, :2]
+            if self.qk_bias is not None:
+                qk = qk + self.qk_bias.view(2, self.n_heads, self.head_dim)
+            qk = self.rotate(qk, at.rotation)
+            q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
+        else:
+            kv_width = self.kv_heads * self.head_dim
+            q, k, v = qkv.split((self.n_heads * self.head_dim, kv_width, kv_width), dim=-1)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            rotation = at.rotation[:, :, 0]
+            q = self.rotate(q.view(batch, seq, self.n_heads, self.head_dim), rotation)
+            k = self.rotate(k.view(batch, seq, self.kv_heads, self.head_dim), rotation)
+            v = v.view(batch, seq, self.kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.write(slot, at, k, v)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-        out = attention(qk[:, :, 0].transpose(1, 2), k, v, at.bias, at.is_causal)
-        return F.linear(out.transpose(1, 2).reshape(batch, seq, dim), self.proj.weight)
+        out = attention(q.transpose(1, 2), k, v, at.bias, at.is_causal)
+        return F.linear(out.transpose(1, 2).reshape(batch, seq, -1), self.proj.weight)
 
 
 class GatedMLP(nn.Module):
@@ -103,19 +174,46 @@ class GatedMLP(nn.Module):
         return F.linear(F.silu(gate) * up, self.proj.weight)
 
 
-class SandwichBlock(nn.Module):
-    """Pre-norms on the branch inputs and post-norms on the residual stream itself after each branch."""
+class Block(nn.Module):
+    """What every block type has: a norm and attention, a norm and the MLP. Subclasses say where the norms act."""
 
-    def __init__(self, dim: int, n_heads: int, hidden: int, eps: float, qk_bias: bool) -> None:
+    def __init__(self, config: HuginnConfig) -> None:
         super().__init__()
-        self.norm_1 = RMSNorm(dim, eps)
-        self.attn = CausalSelfAttention(dim, n_heads, qk_bias)
-        self.norm_2 = RMSNorm(dim, eps)
-        self.mlp = GatedMLP(dim, hidden)
-        self.norm_3 = RMSNorm(dim, eps)
-        self.norm_4 = RMSNorm(dim, eps)
+        self.norm_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = GatedMLP(config.n_embd, config.intermediate_size)
+
+
+class SandwichBlock(Block):
+    """Huginn: pre-norms on the branch inputs and post-norms on the residual stream itself after each branch."""
+
+    def __init__(self, config: HuginnConfig) -> None:
+        super().__init__(config)
+        self.norm_3 = RMSNorm(config.n_embd, config.norm_eps)
+        self.norm_4 = RMSNorm(config.n_embd, config.norm_eps)
 
     def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
         """`slot`: the cache slot this call of the block writes (a core layer has one per recurrence step)."""
         x = self.norm_2(x + self.attn(self.norm_1(x), at, cache, slot))
         return self.norm_4(x + self.mlp(self.norm_3(x)))
+
+
+class LlamaBlock(Block):
+    """Llama: pre-norms on the branch inputs, the residual stream itself never normalised."""
+
+    def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
+        x = x + self.attn(self.norm_1(x), at, cache, slot)
+        return x + self.mlp(self.norm_2(x))
+
+
+class Olmo2Block(Block):
+    """OLMo-2: the raw stream enters each branch and the norms act on the branch outputs (the q/k norms live in the
+    attention)."""
+
+    def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
+        x = x + self.norm_1(self.attn(x, at, cache, slot))
+        return x + self.norm_2(self.mlp(x))
+
+
+BLOCKS: dict[str, type[Block]] = {"sandwich": SandwichBlock, "llama": LlamaBlock, "olmo2": Olmo2Block}

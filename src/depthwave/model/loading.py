@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,39 @@ def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_BLOCK_KEY = re.compile(r"^transformer\.(prelude|core_block|coda)\.\d+\.(.+)$")
+
+
+def detect_block_type(keys: Iterable[str], source: Path) -> str:
+    """The block type from the checkpoint's keys, since config.json does not say: `norm_3` means Huginn's sandwich
+    block, `attn.q_norm` the OLMo-2 block, and two norms per block without either the Llama block."""
+    keys = list(keys)
+    suffixes = {m.group(2) for m in map(_BLOCK_KEY.match, keys) if m}
+    if not suffixes:
+        plain = any(k.startswith(("model.layers.", "layers.")) for k in keys)
+        hint = " (it looks like a plain transformers checkpoint, which has no recurrence)" if plain else ""
+        raise CheckpointError(
+            f"cannot tell the model family of {source}: it has no transformer.prelude/core_block/coda.N.* block "
+            f"weights{hint}"
+        )
+    sandwich, olmo = "norm_3.weight" in suffixes, "attn.q_norm.weight" in suffixes
+    if sandwich and olmo:
+        raise CheckpointError(
+            f"cannot tell the model family of {source}: its blocks have both norm_3 (Huginn's sandwich block) and "
+            "attn.q_norm (the OLMo-2 block) weights"
+        )
+    if sandwich:
+        return "sandwich"
+    if olmo:
+        return "olmo2"
+    if {"norm_1.weight", "norm_2.weight", "attn.Wqkv.weight"} <= suffixes:
+        return "llama"
+    raise CheckpointError(
+        f"cannot tell the model family of {source}: its blocks have none of norm_3 (Huginn), attn.q_norm (OLMo-2) "
+        f"or norm_1 + norm_2 + attn.Wqkv (Llama); block weights found: {sorted(suffixes)}"
+    )
+
+
 def _check_keys(
     expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], tied: bool, source: Path
 ) -> None:
@@ -155,7 +189,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
 ) -> RecurrentDepthModel:
-    """Load a recurrent-depth checkpoint in eval mode.
+    """Load a recurrent-depth checkpoint (Huginn, or a retrofitted Llama / OLMo-2: the keys tell) in eval mode.
 
     `dtype` defaults to the config's `torch_dtype`. Tensors are read one at a time from the memory-mapped files
     and converted straight into the model, so no second full copy of the weights is made."""
@@ -163,11 +197,12 @@ def load_model(
     config = HuginnConfig.from_json(folder / "config.json")
     target_dtype = resolve_dtype(dtype, config)
     device = torch.device(device)
+    files = checkpoint_files(folder)
+    found = _shapes(files)
+    config = replace(config, block_type=detect_block_type(found, folder))
     with torch.device("meta"):
         model = RecurrentDepthModel(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    files = checkpoint_files(folder)
-    found = _shapes(files)
     _check_keys(expected, found, config.tie_embeddings, folder)
 
     state: dict[str, torch.Tensor] = {}

@@ -1,9 +1,14 @@
-"""The recurrent-depth model (Huginn-0125 architecture), readable top to bottom.
+"""The recurrent-depth model (Huginn-0125 architecture, and the retrofitted-recurrence Llama / OLMo-2 models
+built on it), readable top to bottom.
 
-    e      = prelude(embed(ids) · sqrt(D))                      P layers, once per position
-    s_0    = zeros, or truncated normal · sqrt(D)               ("like-init", scaled by init_scale)
+    e      = prelude(embed(ids) · embed_scale)                  P layers, once per position
+    s_0    = zeros, or truncated normal · embed_scale           ("like-init", scaled by init_scale)
     s_t+1  = core(adapter([s_t, e]))                            R layers, repeated r times
-    logits = head(ln_f(coda(ln_f(s_r))))                        C layers, once per position
+    logits = head(ln_f(coda(ln_f(s_r))))                        C layers, once per position (Huginn)
+    logits = head(ln_f(coda(s_r)))                              the retrofits: the coda reads the raw state
+
+embed_scale is sqrt(D) for Huginn and 1.0 for the retrofits (`init_values`); the block type, attention heads and
+RoPE convention come from the config (see `depthwave.model.layers`).
 
 The engine drives the three stages separately through `prelude`, `core_step`, `coda` and `head`, over per-row
 `Positions`; `forward` chains them for a plain full-depth pass.
@@ -18,7 +23,7 @@ from torch import Tensor, nn
 
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import KVPool
-from depthwave.model.layers import RMSNorm, SandwichBlock, rope_table
+from depthwave.model.layers import BLOCKS, RMSNorm, rope_table
 from depthwave.model.positions import Positions, make_positions
 
 
@@ -27,7 +32,8 @@ class ModelOutput:
     logits: Tensor
     """fp32 [B, S, V] (or [B, 1, V] when only the last position was asked for)."""
     latents: Tensor
-    """ln_f of the final recurrent state, [B, S, D]: what the reference returns as `latent_states`."""
+    """The coda's view of the final recurrent state, [B, S, D]: ln_f of it for Huginn, the raw state for the
+    retrofits; in both cases what the reference returns as `latent_states`."""
     state: Tensor
     """The raw final recurrent state s_r, [B, S, D]."""
 
@@ -38,8 +44,8 @@ class RecurrentDepthModel(nn.Module):
         self.config = config
         c = config
 
-        def block() -> SandwichBlock:
-            return SandwichBlock(c.n_embd, c.n_heads, c.intermediate_size, c.norm_eps, c.qk_bias)
+        def block() -> nn.Module:
+            return BLOCKS[c.block_type](c)
 
         self.transformer = nn.ModuleDict(
             {
@@ -60,7 +66,7 @@ class RecurrentDepthModel(nn.Module):
     def reset_rope(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the RoPE table; loading ignores any stored table. It is a plain attribute, not a buffer, so
         that casting the model to bf16 leaves it complex64, and `_apply` rebuilds it on the model's device."""
-        self.rope = rope_table(self.config.head_dim, self.config.block_size, self.config.rope_base, device)
+        self.rope = rope_table(self.config, self.config.block_size, device)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         super()._apply(fn, recurse)
@@ -108,7 +114,7 @@ class RecurrentDepthModel(nn.Module):
 
     def initial_state(self, like: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """The recurrence's starting state: zeros for init_scale 0, else a normal with std
-        sqrt(2/(5D))·init_scale truncated at ±3 std, times sqrt(D)."""
+        init_values.std·init_scale truncated at ±3 std, times embed_scale."""
         std = self.config.init_std * init_scale
         if std == 0:
             return torch.zeros_like(like)
@@ -143,10 +149,10 @@ class RecurrentDepthModel(nn.Module):
         return state
 
     def coda(self, state: Tensor, at: Positions | None = None, cache: KVPool | None = None) -> tuple[Tensor, Tensor]:
-        """ln_f, then the coda on RAW recurrent states; returns (coda output, ln_f(state)). The coda runs on every
-        position, as its K/V are needed later."""
+        """The coda on RAW recurrent states (Huginn normalises them with ln_f first); returns (coda output, the
+        coda's input). The coda runs on every position, as its K/V are needed later."""
         at = self._default_positions(state, at, cache)
-        latents = self.transformer.ln_f(state)
+        latents = self.transformer.ln_f(state) if self.config.norm_before_coda else state
         x = latents
         for i, layer in enumerate(self.transformer.coda):
             x = layer(x, at, cache, cache.coda_slot(i) if cache is not None else 0)
@@ -159,8 +165,8 @@ class RecurrentDepthModel(nn.Module):
     def coda_logits(
         self, state: Tensor, at: Positions | None = None, cache: KVPool | None = None, last_only: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """Coda and head on RAW recurrent states. Returns (fp32 logits, ln_f(state)); `last_only` limits the head to
-        the last position."""
+        """Coda and head on RAW recurrent states. Returns (fp32 logits, the coda's input: see `coda`); `last_only`
+        limits the head to the last position."""
         x, latents = self.coda(state, at, cache)
         if last_only:
             x = x[:, -1:]
@@ -221,9 +227,9 @@ class RecurrentDepthModel(nn.Module):
                 normal(block.mlp.proj.weight, out_std)
                 if block.attn.qk_bias is not None:
                     block.attn.qk_bias.zero_()
-                for norm in (block.norm_1, block.norm_2, block.norm_3, block.norm_4):
-                    norm.weight.fill_(1.0)
-        self.transformer.ln_f.weight.fill_(1.0)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
 
 
 def random_model(

@@ -60,6 +60,10 @@ class Tokenizer:
         self._template = self._compile_template()
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
+        # transformers' Llama tokenizers prepend BOS by this flag as well as (or instead of) a post-processor.
+        bos_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self._prepend_bos = bos_id if self.config.get("add_bos_token") is True else None
+        self._special = {i for i, token in self._tok.get_added_tokens_decoder().items() if token.special}
 
     @property
     def vocab_size(self) -> int:
@@ -68,8 +72,14 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self._prepend_bos is not None and ids[:1] != [self._prepend_bos]:
+            ids.insert(0, self._prepend_bos)
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -118,10 +128,16 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
 
 def default_stop_ids(folder: str | Path, config: HuginnConfig, tokenizer: Tokenizer | None) -> list[int]:
     """Stop tokens: generation_config.json's eos_token_id (int or list), else config.json's, plus the tokenizer's
-    eos token and the Huginn end/begin-of-text and end-of-turn tokens where the tokenizer defines them."""
+    eos token and the Huginn end/begin-of-text and end-of-turn tokens where the tokenizer defines them.
+
+    The retrofitted models' configs (and the generation configs written from them) carry Huginn's special ids,
+    which are ordinary words in the Llama-3 vocabulary: for that family an id from those files counts only when
+    the tokenizer marks it special, and the tokenizer's own eos token is the stop."""
     folder = Path(folder)
     generation = _read_json(folder / "generation_config.json")
     stops = _ids(generation.get("eos_token_id"), folder / "generation_config.json") or config.eos_ids
+    if tokenizer is not None and config.family != "huginn":
+        stops = [token for token in stops if tokenizer.is_special(token)]
     if tokenizer is not None:
         for name in (tokenizer.eos_token, *HUGINN_STOP_TOKENS):
             token_id = tokenizer.token_to_id(name) if name else None

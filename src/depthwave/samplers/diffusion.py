@@ -256,6 +256,11 @@ class DiffusionPolicy(Policy):
                 f"with cache_mode 'per-step', inner_recurrence ({params.inner_recurrence}) cannot exceed num_steps "
                 f"({num_steps})"
             )
+        if params.mode == "reference" and config.family != "huginn":
+            raise InvalidParameterError(
+                "mode='reference' reproduces Huginn's official generate_diffusion_style; the retrofitted "
+                f"{config.block_type} models have no official diffusion sampler to match: use mode='default'"
+            )
         quirks = diffusion_quirks(params.mode)
         if quirks.stops_at_context_end and prompt_len + 1 + headway > config.block_size:
             raise InvalidParameterError(
