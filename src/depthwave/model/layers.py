@@ -151,9 +151,12 @@ class CausalSelfAttention(nn.Module):
             q, k, v = qkv.split((self.n_heads * self.head_dim, kv_width, kv_width), dim=-1)
             if self.q_norm is not None and self.k_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
+            q = q.view(batch, seq, self.n_heads, self.head_dim)
+            k = k.view(batch, seq, self.kv_heads, self.head_dim)
+            if self.qk_bias is not None:  # config validation: only with as many k heads as q heads
+                q, k = q + self.qk_bias[0], k + self.qk_bias[1]
             rotation = at.rotation[:, :, 0]
-            q = self.rotate(q.view(batch, seq, self.n_heads, self.head_dim), rotation)
-            k = self.rotate(k.view(batch, seq, self.kv_heads, self.head_dim), rotation)
+            q, k = self.rotate(q, rotation), self.rotate(k, rotation)
             v = v.view(batch, seq, self.kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.write(slot, at, k, v)
