@@ -25,7 +25,8 @@ CORPUS = [
 ] * 20
 
 
-def make_retrofit_folder(fixture: Path, out: Path, vocab_size: int) -> Path:
+def make_retrofit_folder(fixture: Path, out: Path, vocab_size: int, bos_by_flag: bool = False) -> Path:
+    """`bos_by_flag`: BOS comes from tokenizer_config.json's `add_bos_token` instead of a post-processor."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(fixture / "model.safetensors", out / "model.safetensors")
     config = json.loads((fixture / "config.json").read_text())
@@ -46,11 +47,14 @@ def make_retrofit_folder(fixture: Path, out: Path, vocab_size: int) -> Path:
     tokenizer.train_from_iterator(CORPUS, trainer)
     tokenizer.add_special_tokens(specials)
     bos = tokenizer.token_to_id(BOS)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
-    )
+    if not bos_by_flag:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
+        )
     tokenizer.save(str(out / "tokenizer.json"))
     settings = {"bos_token": BOS, "eos_token": EOS, "chat_template": CHAT_TEMPLATE, "model_max_length": 256}
+    if bos_by_flag:
+        settings["add_bos_token"] = True
     (out / "tokenizer_config.json").write_text(json.dumps(settings))
     assert tokenizer.get_vocab_size() <= vocab_size
     return out

@@ -367,14 +367,17 @@ def test_a_family_that_cannot_be_told_is_named(tmp_path: Path, rename: Any, mess
         load_model(folder)
 
 
-def test_llama3_tokenizer_prepends_bos_and_stops_at_its_eos(tmp_path: Path) -> None:
-    """The released configs carry Huginn's bos/eos/pad ids; the Llama-3 tokenizer's own BOS and EOS rule."""
-    folder = make_retrofit_folder(fixture_dir("retrofit-llama-a"), tmp_path / "model", vocab_size=512)
+@pytest.mark.parametrize("bos_by_flag", [False, True])
+def test_llama3_tokenizer_prepends_bos_and_stops_at_its_eos(tmp_path: Path, bos_by_flag: bool) -> None:
+    """The released configs carry Huginn's bos/eos/pad ids; the Llama-3 tokenizer's own BOS (from its
+    post-processor, or from tokenizer_config.json's add_bos_token) and EOS rule."""
+    folder = make_retrofit_folder(fixture_dir("retrofit-llama-a"), tmp_path / "model", 512, bos_by_flag)
     llm = LLM(folder, device="cpu", dtype="float32")
     bos, eos = llm.tokenizer.token_to_id(BOS), llm.tokenizer.token_to_id(EOS)
     assert llm.stop_token_ids == [eos]
     ids = llm.encode("Leo has 45 marbles.")
     assert ids[0] == bos and ids.count(bos) == 1
+    assert llm.tokenizer.encode("Leo has 45 marbles.") == ids[1:]  # without special tokens: no BOS
     chat = llm.encode("What is 17 * 24?", chat=True)
     assert chat[0] == bos and chat.count(bos) == 1
     for sampler in ("static", "adaptive", "speculative", "diffusion"):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,7 @@ class HuginnConfig:
             return
         if not isinstance(scaling, dict):
             raise ConfigError(f"config field 'rope_scaling' must be an object or null, got {scaling!r}")
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        kind = rope_scaling_type(scaling)
         if kind not in ROPE_TYPES:
             raise ConfigError(
                 f"config field 'rope_scaling': rope_type {kind!r} is not supported; use one of {ROPE_TYPES}"
@@ -220,9 +221,10 @@ class HuginnConfig:
         out_proj = std / math.sqrt(2.0 * self.effective_expected_depth)
         return {"std": std, "out_proj": out_proj, "embedding": std, "embed_scale": math.sqrt(self.n_embd)}
 
-    @property
+    @cached_property
     def all_init_values(self) -> dict[str, float]:
-        """The reference's `init_values`: derived from the sizes, with the stored overrides on top."""
+        """The reference's `init_values`: derived from the sizes, with the stored overrides on top (computed once:
+        `embed_scale` is read on every prelude call)."""
         return {**self._derived_init_values(), **(self.init_values or {})}
 
     @property
@@ -311,7 +313,7 @@ class HuginnConfig:
             num_key_value_heads=self.kv_heads,
             head_dim=self.head_dim,
             effective_expected_depth=self.effective_expected_depth,
-            init_values=self.all_init_values,
+            init_values=dict(self.all_init_values),
         )
         # The retrofits' config class passes tie_word_embeddings itself and raises when the JSON carries it too.
         if self.family == "huginn":
@@ -319,11 +321,15 @@ class HuginnConfig:
         return out
 
 
+def rope_scaling_type(scaling: dict[str, Any] | None) -> str:
+    """transformers spells it `rope_type` (older configs: `type`); no scaling is "default"."""
+    scaling = scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
 def _drop_derived(config: HuginnConfig) -> HuginnConfig:
     """Stored values equal to what the sizes imply are not kept as overrides, so that a config that went through
     JSON equals the one it was written from, and changing a size later re-derives them."""
-    from dataclasses import replace
-
     changes: dict[str, Any] = {}
     if config.num_key_value_heads == config.n_heads:
         changes["num_key_value_heads"] = None

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from depthwave.model.config import rope_scaling_type
+
 if TYPE_CHECKING:
     from depthwave.model.config import HuginnConfig
     from depthwave.model.kv_cache import KVPool
@@ -61,7 +63,7 @@ def scaled_frequencies(
     them by `factor`; "llama3" divides the low frequencies (wavelengths beyond L/low_freq_factor, L the original
     context) by `factor`, keeps the high ones (below L/high_freq_factor) and blends linearly in between."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    kind = rope_scaling_type(scaling)
     if kind == "linear":
         return inv_freq / scaling["factor"]  # type: ignore[index]
     if kind != "llama3":
