@@ -1,6 +1,6 @@
 """Serving benchmark in the manner of vLLM's: concurrent streaming clients against `depthwave serve`.
 
-    python benchmarks/bench_serve.py                          # 64 clients for 300 s, then the 1-client baseline
+    python benchmarks/bench_serve.py                          # 64 clients for 300 s against the 1-client baseline
     python benchmarks/bench_serve.py --clients 8 --duration 20 --baseline 8
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000   # a server started elsewhere
 
@@ -11,7 +11,9 @@ chunks (inter-token latency, per token when a chunk carries several), the time p
 and the answer. A request fails when the server answers with an error or the connection breaks; it is lost when
 the stream ends without `data: [DONE]`, without a finish reason, or with an answer cut short (finish reason `stop`
 but no `The answer is N.`). The baseline sends the first `--baseline` of the same requests from a single client,
-one at a time, for output tokens/s and accuracy without concurrency. Prints a table and writes JSON.
+one at a time, for output tokens/s and accuracy without concurrency. The two alternate in `--rounds` parts
+(150 s of clients, 100 baseline requests, and again), so that the machine's drift over the run hits both alike;
+the ratio is that of the pooled rates, with the ratio of each round beside it. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -145,12 +147,12 @@ async def client_loop(
 
 
 async def load(
-    url: str, clients: int, duration: float, rate: float, count: int | None = None
+    url: str, clients: int, duration: float, rate: float, first: int = 0, count: int | None = None
 ) -> tuple[list[Record], float]:
-    """`clients` concurrent clients for `duration` seconds (or until `count` requests are done); returns the
-    records and the wall time."""
+    """`clients` concurrent clients for `duration` seconds (or until `count` requests are done), on the problems
+    from number `first` on; returns the records and the wall time."""
     items = problems()
-    queue = iter(range(count)) if count is not None else itertools.count()
+    queue = iter(range(first, first + count)) if count is not None else itertools.count(first)
     out: list[Record] = []
     began = time.perf_counter()
     stop_at = began + duration
@@ -175,16 +177,33 @@ def engine_counters(url: str) -> dict[str, float]:
     return out
 
 
-def measured(url: str, clients: int, duration: float, rate: float, count: int | None = None) -> dict[str, Any]:
-    """One load run, summarized, with the engine's prefill and decode pass time over it."""
-    before = engine_counters(url)
-    records, wall = asyncio.run(load(url, clients, duration, rate, count))
-    after = engine_counters(url)
-    summary = summarize(records, wall)
-    summary["engine"] = {name: after[name] - before.get(name, 0.0) for name in after}
-    # Per request, without the per-token gaps (the percentiles above hold them), to keep the JSON small.
-    summary["records"] = [{k: v for k, v in asdict(r).items() if k != "gaps"} for r in records]
-    return summary
+@dataclass
+class Phase:
+    """One kind of load (the concurrent clients, or the single client) over all rounds: its records, wall time
+    and engine pass counters summed, and its output tokens/s per round."""
+
+    records: list[Record] = field(default_factory=list)
+    wall: float = 0.0
+    engine: dict[str, float] = field(default_factory=dict)
+    by_round: list[float] = field(default_factory=list)
+
+    def run(self, url: str, clients: int, duration: float, rate: float, first: int, count: int | None = None) -> None:
+        before = engine_counters(url)
+        records, wall = asyncio.run(load(url, clients, duration, rate, first, count))
+        after = engine_counters(url)
+        self.records += records
+        self.wall += wall
+        for name, value in after.items():
+            self.engine[name] = self.engine.get(name, 0.0) + value - before.get(name, 0.0)
+        self.by_round.append(sum(r.tokens for r in records if r.ok) / wall)
+
+    def summary(self) -> dict[str, Any]:
+        summary = summarize(self.records, self.wall)
+        summary["engine"] = self.engine
+        summary["output_tokens_per_s_by_round"] = self.by_round
+        # Per request, without the per-token gaps (the percentiles above hold them), to keep the JSON small.
+        summary["records"] = [{k: v for k, v in asdict(r).items() if k != "gaps"} for r in self.records]
+        return summary
 
 
 def summarize(records: list[Record], wall: float) -> dict[str, Any]:
@@ -292,12 +311,15 @@ def main(argv: list[str] | None = None) -> None:
         "--rate", type=float, default=0.0, help="Poisson arrivals per second over all clients (0: none)"
     )
     parser.add_argument("--baseline", type=int, default=200, help="requests for the one-client baseline (0: skip)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternate the concurrent run and the baseline in this many parts"
+    )
     parser.add_argument("--threads", type=int, default=None, help="the local server's torch threads")
     parser.add_argument("--serve-args", default="", help="more `depthwave serve` options, e.g. '--admission-delay 0'")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_serve.json")
     args = parser.parse_args(argv)
 
-    runs: dict[str, dict[str, Any]] = {}
+    concurrent, single = Phase(), Phase()
     with contextlib.ExitStack() as stack:
         if args.url:
             url = args.url
@@ -307,20 +329,28 @@ def main(argv: list[str] | None = None) -> None:
                 local_server(flags + (["--threads", str(args.threads)] if args.threads else []))
             )
         asyncio.run(load(url, 1, 60, 0.0, count=2))  # warm-up
-        runs[f"{args.clients} clients"] = measured(url, args.clients, args.duration, args.rate)
-        print(table(runs), flush=True)
-        if args.baseline:
-            runs["1 client, one at a time"] = measured(url, 1, float("inf"), 0.0, count=args.baseline)
-    rows = list(runs.values())
+        for k in range(args.rounds):
+            duration = args.duration / args.rounds
+            concurrent.run(url, args.clients, duration, args.rate, first=len(concurrent.records))
+            if args.baseline:
+                lo, hi = k * args.baseline // args.rounds, (k + 1) * args.baseline // args.rounds
+                single.run(url, 1, float("inf"), 0.0, first=lo, count=hi - lo)
+            print(f"round {k + 1}/{args.rounds}: output tok/s {concurrent.by_round[-1]:.1f}", end="", flush=True)
+            print(f" against {single.by_round[-1]:.1f}" if args.baseline else "", flush=True)
+    many = concurrent.summary()
+    runs = {f"{args.clients} clients": many}
     report: dict[str, Any] = {}
-    if len(rows) > 1:
-        report = compare(rows[0]["records"], rows[1]["records"])
-        report["output_tokens_per_s_ratio"] = rows[0]["output_tokens_per_s"] / rows[1]["output_tokens_per_s"]
+    if args.baseline:
+        one = runs["1 client, one at a time"] = single.summary()
+        report = compare(many["records"], one["records"])
+        report["output_tokens_per_s_ratio"] = many["output_tokens_per_s"] / one["output_tokens_per_s"]
+        report["ratio_by_round"] = [a / b for a, b in zip(concurrent.by_round, single.by_round, strict=True)]
     print()
     print(table(runs))
     if report:
         print(
-            f"\noutput tokens/s, {args.clients} clients against one: {report['output_tokens_per_s_ratio']:.2f}×; "
+            f"\noutput tokens/s, {args.clients} clients against one: {report['output_tokens_per_s_ratio']:.2f}× "
+            f"(by round: {', '.join(f'{r:.2f}×' for r in report['ratio_by_round'])}); "
             f"on the {report['requests']} requests both ran: accuracy {100 * report['accuracy_concurrent']:.1f}% "
             f"against {100 * report['accuracy_single']:.1f}%, {report['identical_answers']} identical answers"
         )

@@ -101,23 +101,35 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: b
     heads); `bias` is an additive [B or 1,1,S,T] mask (0 = attend, -inf = not)."""
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
-    grouped = k.shape[1] != q.shape[1]
-    if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] > 1:
-        # On CPU, SDPA in bf16/fp16 is several times slower than a plain matmul + softmax for many queries
-        # (for a single query it is the faster of the two).
-        if grouped:
-            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-        if is_causal:
-            s, t = scores.shape[-2:]
-            mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
-            scores = scores.masked_fill(~mask, float("-inf"))
-        if bias is not None:
-            scores = scores + bias
-        return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
-    if grouped:
+    if q.device.type == "cpu" and prefers_matmul_attention(q):
+        return matmul_attention(q, k, v, bias, is_causal)
+    if k.shape[1] != q.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal)
+
+
+def prefers_matmul_attention(q: Tensor) -> bool:
+    """On CPU, SDPA in bf16/fp16 is several times slower than two matmuls and a softmax for more than one query.
+    In fp32 it is up to 2.7x slower on a batch of four or more sequences with 16 query rows in all (an engine pass
+    over diffusion wavefronts, a batched prefill), and the faster one for one or two sequences at any query count
+    (`benchmarks/bench_kernels.py`; about even at the edge)."""
+    if q.dtype != torch.float32:
+        return q.shape[2] > 1
+    return q.shape[0] >= 4 and q.shape[0] * q.shape[2] >= 16
+
+
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: bool) -> Tensor:
+    """What SDPA computes, as two matmuls with the scale, mask and bias applied in place and an fp32 softmax."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))
+    if is_causal:
+        # Top-left aligned, as SDPA's is_causal (the model sets it only for an uncached pass, where S = T).
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        scores.masked_fill_(~mask, float("-inf"))
+    if bias is not None:
+        scores.add_(bias)
+    return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 class CausalSelfAttention(nn.Module):
