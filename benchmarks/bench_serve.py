@@ -318,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--serve-args", default="", help="more `depthwave serve` options, e.g. '--admission-delay 0'")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_serve.json")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if 0 < args.baseline < args.rounds:
+        parser.error(f"--baseline {args.baseline} leaves a round of {args.rounds} without baseline requests")
 
     concurrent, single = Phase(), Phase()
     with contextlib.ExitStack() as stack:
