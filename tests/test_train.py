@@ -25,12 +25,15 @@ from depthwave.train import (
     TrainConfig,
     TrainingError,
     _step_generator,
+    accumulate_gradients,
     collate,
     encode_problem,
     greedy_accuracy,
     learning_rate,
+    length_buckets,
     main,
     recurrent_loss,
+    resolve_precision,
     sample_recurrence,
     train,
 )
@@ -242,3 +245,56 @@ def test_init_from_must_match_the_architecture(tmp_path: Path) -> None:
         smoke(tmp_path / "x", init_from=str(tmp_path))
     with pytest.raises(TrainingError, match="distribution must be one of"):
         smoke(tmp_path / "x", distribution="broad")
+
+
+def test_length_buckets_give_the_loss_and_gradient_of_one_batch(tokenizer: Tokenizer) -> None:
+    model = RecurrentDepthModel(smoke(Path("x")).model_config(tokenizer))
+    model.init_weights(torch.Generator().manual_seed(0))
+    # A zero initial state makes the result independent of how the random draws split across micro-batches.
+    model.initial_state = lambda like, *args: torch.zeros_like(like)  # type: ignore[method-assign]
+    pad = special_token_ids(tokenizer)["<|pad|>"]
+    examples = [encode_problem(tokenizer, p) for p in train_batch(0, 3, 12, "wide")]
+    buckets = length_buckets(examples, 3)
+    assert [len(b) for b in buckets] == [4, 4, 4]
+    lengths = [len(p) + len(a) for bucket in buckets for p, a in bucket]
+    assert lengths == sorted(lengths)
+    padded = sum(collate(b, pad)[0].numel() for b in buckets)
+    assert padded < collate(examples, pad)[0].numel()
+
+    def run(batches: list[list[tuple[list[int], list[int]]]]) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = accumulate_gradients(model, [collate(b, pad) for b in batches], 1, 2, torch.Generator(), bf16=False)
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    whole_loss, whole_grads = run([examples])
+    bucket_loss, bucket_grads = run(buckets)
+    assert bucket_loss == pytest.approx(whole_loss, rel=1e-5)
+    for whole, bucketed in zip(whole_grads, bucket_grads, strict=True):
+        torch.testing.assert_close(bucketed, whole, rtol=1e-4, atol=1e-6)
+
+
+def test_precision_auto_resolves_to_what_the_hardware_runs() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+
+
+def test_init_from_may_train_at_another_depth_and_keeps_its_own(tmp_path: Path) -> None:
+    first = train(smoke(tmp_path / "first", steps=2), write=quiet)
+    assert first.model_dir is not None
+    log: list[str] = []
+    config = smoke(
+        tmp_path / "deeper", steps=4, mean_recurrence=2, init_from=str(first.model_dir), length_buckets=2,
+        eval_every=4, eval_problems=2, snapshot_every=2, precision="auto",
+    )  # fmt: skip
+    summary = train(config, write=log.append)
+    assert summary.model_dir is not None
+    # The export runs at the depth the model was made for (the smoke preset's 4), not the training depth.
+    assert load_model(summary.model_dir, "cpu", torch.float32).config.mean_recurrence == 4
+    assert any("greedy at r=4" in line for line in log)
+    assert sorted(p.name for p in (tmp_path / "deeper" / "snapshots").iterdir()) == ["step-2", "step-4"]
+    # Precision is a runtime setting: a resumed run may change it.
+    resumed = train(replace(config, steps=4, precision="fp32"), resume=True, write=quiet)
+    assert resumed.start_step == 4

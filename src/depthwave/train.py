@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -70,12 +71,27 @@ CONTEXT_LENGTH = 256
 IGNORE_INDEX = -100
 CHECKPOINT_DIR = "checkpoint"
 EXPORT_DIR = "model"
+SNAPSHOT_DIR = "snapshots"
 TRAINING_STATE = "training_state.pt"
 
 # Fields that only change how a run is executed or watched, not what it computes: a resumed run may change them.
+# Precision is one of them: it changes the rounding of the forward, not the recipe, and what a machine runs fastest
+# differs (bf16 autocast is twice as fast as fp32 on a CPU with AVX512-BF16 and 5-7x slower on one without).
 RUNTIME_FIELDS = frozenset(
-    {"out_dir", "device", "threads", "eval_every", "eval_problems", "checkpoint_every", "log_every", "stop_at"}
+    {
+        "out_dir",
+        "device",
+        "threads",
+        "precision",
+        "eval_every",
+        "eval_problems",
+        "checkpoint_every",
+        "snapshot_every",
+        "log_every",
+        "stop_at",
+    }
 )
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class TrainingError(DepthwaveError, ValueError):
@@ -95,7 +111,8 @@ class TrainConfig:
     wordings, wide word pools, reordered two-step problems and bare arithmetic)."""
     init_from: str | None = None
     """A model folder to start from (its weights and tokenizer) instead of a fresh initialisation; its
-    architecture must match this config's."""
+    architecture must match this config's. It keeps its own mean_recurrence, the depth it is meant to run at (and
+    is validated at): `mean_recurrence` here is only the training depth."""
     n_embd: int = 128
     n_heads: int = 4
     intermediate_size: int = 384
@@ -103,6 +120,7 @@ class TrainConfig:
     core_layers: int = 4
     coda_layers: int = 2
     mean_recurrence: int = 32
+    """The mean of the sampled training depth, and a fresh model's default depth."""
     mean_backprop_depth: int = 4
     vocab_size: int = 1024
     """Upper bound of the BPE vocabulary; the model's vocabulary is what the tokenizer ends up with."""
@@ -116,9 +134,14 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    length_buckets: int = 1
+    """A step's problems are sorted by length and run as this many micro-batches, each padded to its own longest
+    problem; the loss is still the mean over all the step's answer tokens. Mixing bare sums (about 50 tokens) with
+    word problems (up to 195) otherwise pads a third of every batch."""
     precision: str = "bf16"
-    """"bf16": bf16 autocast around the forward (weights and optimizer stay fp32), "fp32": none. On a CPU with
-    native bf16 (AVX512-BF16) it makes a no-grad recurrence about twice as fast."""
+    """"bf16": bf16 autocast around the forward (weights and optimizer stay fp32), "fp32": none, "auto": bf16 on a
+    GPU that supports it and on a CPU with native bf16 (AVX512-BF16 or AMX), where it makes a step about 1.5x
+    faster, fp32 elsewhere."""
     seed: int = 0
     """Weight init, recurrence counts and initial states."""
     data_seed: int = 0
@@ -128,6 +151,8 @@ class TrainConfig:
     """Validation accuracy every this many steps and at the end (0: never)."""
     eval_problems: int = 32
     checkpoint_every: int = 250
+    snapshot_every: int = 0
+    """Also export the model to snapshots/step-N every this many steps (0: never), for accuracy curves later."""
     log_every: int = 10
     stop_at: int | None = None
     """Save a checkpoint and return after this step (continue later with resume)."""
@@ -146,6 +171,7 @@ class TrainConfig:
             "vocab_size",
             "steps",
             "batch_size",
+            "length_buckets",
             "log_every",
         )
         non_negative = (
@@ -155,6 +181,7 @@ class TrainConfig:
             "eval_every",
             "eval_problems",
             "checkpoint_every",
+            "snapshot_every",
             "threads",
             "seed",
             "data_seed",
@@ -177,8 +204,10 @@ class TrainConfig:
             raise TrainingError(f"n_heads={self.n_heads} must divide n_embd={self.n_embd} into an even head size")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise TrainingError(f"stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
-        if self.precision not in ("bf16", "fp32"):
-            raise TrainingError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.length_buckets > self.batch_size:
+            raise TrainingError(f"length_buckets={self.length_buckets} must not exceed batch_size={self.batch_size}")
         if self.distribution not in DISTRIBUTIONS:
             raise TrainingError(f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
         if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
@@ -210,18 +239,23 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The shipped built-in model: from scratch on the classic problems (3000 steps).
     "builtin": {},
-    # Continued training on the wide problems (pass --init-from a model folder, e.g. the built-in model's).
-    # fp32: on a CPU without native bf16 (an AMD EPYC here) bf16 autocast is 5-7x slower, not faster.
+    # Continued training on the wide problems (pass --init-from a model folder, e.g. the built-in model's), sized
+    # for one CPU thread: the sampled depth around 8 instead of 32 (the task's accuracy plateaus from r = 2, and
+    # the model keeps its own mean_recurrence to run at), two length buckets per step, bf16 where it is native.
     "wide": dict(
         distribution="wide",
-        steps=1000,
-        batch_size=16,
-        lr=1e-3,
-        min_lr=1e-4,
-        warmup_steps=50,
-        precision="fp32",
-        eval_every=250,
+        mean_recurrence=8,
+        steps=6000,
+        batch_size=32,
+        length_buckets=2,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=100,
+        precision="auto",
+        eval_every=500,
+        eval_problems=64,
         checkpoint_every=100,
+        snapshot_every=500,
     ),
     # A few seconds on a CPU: for tests and for checking an installation.
     "smoke": dict(
@@ -289,6 +323,55 @@ def recurrent_loss(
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def length_buckets(examples: Sequence[Example], buckets: int) -> list[list[Example]]:
+    """The examples sorted by length (prompt + answer) and cut into `buckets` runs of near-equal size. One bucket
+    keeps the order, so a run without buckets draws each row's initial state as it always has."""
+    if buckets == 1:
+        return [list(examples)]
+    ordered = sorted(examples, key=lambda example: len(example[0]) + len(example[1]))
+    return [ordered[len(ordered) * i // buckets : len(ordered) * (i + 1) // buckets] for i in range(buckets)]
+
+
+def accumulate_gradients(
+    model: RecurrentDepthModel,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    no_grad_steps: int,
+    grad_steps: int,
+    generator: torch.Generator,
+    bf16: bool,
+) -> float:
+    """Backpropagate the mean loss over all answer tokens of `batches` (micro-batches of one step, each weighted by
+    its share of the tokens) and return that loss."""
+    device = batches[0][0].device
+    counts = [int((targets != IGNORE_INDEX).sum()) for _, targets in batches]
+    total = sum(counts)
+    value = 0.0
+    for (inputs, targets), count in zip(batches, counts, strict=True):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = recurrent_loss(model, inputs, targets, no_grad_steps, grad_steps, generator)
+        share = count / total
+        (loss * share).backward()
+        value += loss.item() * share
+    return value
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """ "auto": bf16 where the hardware computes it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if _cpu_has_native_bf16() else "fp32"
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume not, fp32 is never the slow choice by much
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warmup over `warmup_steps`, then a cosine from lr down to min_lr at the last step."""
     if step < config.warmup_steps:
@@ -319,7 +402,11 @@ def encode_problem(tokenizer: Tokenizer, problem: Problem) -> tuple[list[int], l
     return prompt_ids(tokenizer, problem.question), [*tokenizer.encode(problem.solution).ids, end_turn]
 
 
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[Tensor, Tensor]:
+Example = tuple[list[int], list[int]]
+"""(prompt ids, answer ids) of one problem."""
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-padded inputs [B, L] and targets [B, L] (the next token on answer positions, else ignored).
 
     Padding sits after every real token, so with causal attention it changes nothing the loss sees."""
@@ -393,10 +480,12 @@ def find_checkpoint(out_dir: Path) -> Path | None:
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     current = asdict(config)
+    # A field newer than the checkpoint had its default then.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
     differing = [
-        f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
+        f"{name}: checkpoint {saved.get(name, defaults[name])!r}, now {current[name]!r}"
         for name in current
-        if name not in RUNTIME_FIELDS and saved.get(name) != current[name]
+        if name not in RUNTIME_FIELDS and saved.get(name, defaults[name]) != current[name]
     ]
     if differing:
         raise TrainingError(
@@ -442,7 +531,8 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
-# Architecture fields a model given by init_from must share with the config.
+# Architecture fields a model given by init_from must share with the config. The depths are not among them: they
+# are how deep it is trained and run, and a continuation may train at another depth than the model runs at.
 _ARCHITECTURE = (
     "n_embd",
     "n_heads",
@@ -450,8 +540,6 @@ _ARCHITECTURE = (
     "n_layers_in_prelude",
     "n_layers_in_recurrent_block",
     "n_layers_in_coda",
-    "mean_recurrence",
-    "mean_backprop_depth",
     "vocab_size",
 )
 
@@ -507,6 +595,8 @@ def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None
         optimizer = make_optimizer(model, config)
         start = 0
 
+    precision = resolve_precision(config.precision, device)
+    bf16 = precision == "bf16"
     make_output_folder(out_dir, "the training folder")
     log_file = (out_dir / "log.jsonl").open("a", encoding="utf-8")
 
@@ -524,7 +614,7 @@ def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None
     summary = TrainSummary(start_step=start, end_step=start)
     parameters = sum(p.numel() for p in model.parameters())
     write(
-        f"training {parameters / 1e6:.2f}M parameters on {device} ({torch.get_num_threads()} threads), "
+        f"training {parameters / 1e6:.2f}M parameters on {device} ({torch.get_num_threads()} threads, {precision}), "
         f"steps {start}..{end} of {config.steps}"
     )
     log(
@@ -535,6 +625,7 @@ def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None
             "parameters": parameters,
             "device": str(device),
             "threads": torch.get_num_threads(),
+            "precision": precision,
         }
     )
     progress = _Progress(end, start, write)
@@ -548,21 +639,22 @@ def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None
                 encode_problem(tokenizer, p)
                 for p in train_batch(config.data_seed, step, config.batch_size, config.distribution)
             ]
-            inputs, targets = (t.to(device) for t in collate(examples, pad_id))
+            batches = [
+                tuple(t.to(device) for t in collate(bucket, pad_id))
+                for bucket in length_buckets(examples, config.length_buckets)
+            ]
             # Drawn on the CPU so that a run samples the same depths on any device.
             depth_generator = _step_generator(config.seed, step, 1, torch.device("cpu"))
             no_grad_steps, grad_steps = sample_recurrence(
                 config.mean_recurrence, config.mean_backprop_depth, depth_generator
             )
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                loss = recurrent_loss(
-                    model, inputs, targets, no_grad_steps, grad_steps, _step_generator(config.seed, step, 2, device)
-                )
-            loss.backward()
+            loss = accumulate_gradients(
+                model, batches, no_grad_steps, grad_steps, _step_generator(config.seed, step, 2, device), bf16
+            )
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            summary.losses.append(loss.item())
+            summary.losses.append(loss)
             summary.end_step = step + 1
 
             if (step + 1) % config.log_every == 0 or step + 1 == end:
@@ -594,14 +686,16 @@ def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None
                         "step": step + 1,
                         "accuracy": summary.val_accuracy,
                         "problems": len(validation),
-                        "num_steps": config.mean_recurrence,
+                        "num_steps": model.config.mean_recurrence,
                         "seconds": seconds,
                     }
                 )
                 write(
                     f"validation at step {step + 1}: {summary.val_accuracy:.1%} of {len(validation)} problems "
-                    f"greedy at r={config.mean_recurrence} ({seconds:.0f} s)"
+                    f"greedy at r={model.config.mean_recurrence} ({seconds:.0f} s)"
                 )
+            if config.snapshot_every and (step + 1) % config.snapshot_every == 0:
+                export_model(out_dir / SNAPSHOT_DIR / f"step-{step + 1}", model, tokenizer)
             if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == end:
                 save_checkpoint(out_dir / CHECKPOINT_DIR, model, tokenizer, optimizer, config, step + 1)
     finally:
@@ -635,7 +729,9 @@ _FLAG_HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "gradient-norm clip",
-    "precision": "bf16 (autocast) or fp32",
+    "precision": "bf16 (autocast), fp32, or auto (bf16 where the hardware has it)",
+    "length_buckets": "micro-batches of similar length per step (less padding)",
+    "snapshot_every": "export the model to snapshots/step-N every N steps (0: never)",
     "seed": "seed of init, recurrence counts and initial states",
     "data_seed": "seed of the problems, splits and tokenizer",
     "eval_every": "validate every N steps (0: never)",
@@ -664,7 +760,7 @@ def build_parser(prog: str = "python -m depthwave.train") -> argparse.ArgumentPa
         if f.name == "out_dir":
             continue
         kind = {"str": str, "str | None": str, "Distribution": str, "float": float}.get(str(f.type), int)
-        choices = {"precision": ("bf16", "fp32"), "distribution": DISTRIBUTIONS}.get(f.name)
+        choices = {"precision": PRECISIONS, "distribution": DISTRIBUTIONS}.get(f.name)
         parser.add_argument(
             "--" + f.name.replace("_", "-"), type=kind, choices=choices, default=None, help=_FLAG_HELP[f.name]
         )
