@@ -145,10 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cost-repeats", type=int, default=200, help="timings of the step-cost table")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_samplers.json")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    llm = LLM(args.model, device=args.device)
+    llm = LLM(args.model, device=args.device, threads=args.threads)
     config = llm.model.config
     r_mean = config.mean_recurrence
     static: Row = ("static", {"num_steps": r_mean})

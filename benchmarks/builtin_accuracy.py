@@ -23,8 +23,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from depthwave.data.arithmetic import extract_answer
 from depthwave.eval.convergence import latent_change_per_step
 from depthwave.eval.tasks.arithmetic import TEST_SET, UNSEEN_SET
@@ -164,8 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: beside --out)")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    llm = LLM(args.model, device="cpu")
+    llm = LLM(args.model, device="cpu", threads=args.threads)
     mean_recurrence = llm.model.config.mean_recurrence
     sets = {name: load_set(path, args.problems) for name, path in SETS.items()}
     runs: list[Run] = []

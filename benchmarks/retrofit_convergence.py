@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from depthwave.data.arithmetic import extract_answer
 from depthwave.eval.convergence import latent_change_per_step
 from depthwave.eval.tasks.arithmetic import TEST_SET
@@ -82,7 +80,7 @@ def speed(llm: LLM, prompts: list[list[int]], answers: list[int | None], max_new
 
 
 def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
-    llm = LLM(model, device=args.device, dtype=args.dtype)
+    llm = LLM(model, device=args.device, dtype=args.dtype, threads=args.threads or None)
     config = llm.model.config
     prompts, answers = prompts_for(llm, args.problems)
     steps = 2 * config.mean_recurrence
@@ -135,11 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: the config's)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: depthwave's default)")
     parser.add_argument("--out", type=Path, default=RESULTS / "retrofit_convergence.json")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     results = [measure(model, args) for model in args.model or DEFAULT_MODELS]
     for result in results:
         print_report(result)

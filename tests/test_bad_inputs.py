@@ -82,6 +82,10 @@ GENERATE_CASES = [
     (["--prompt-ids", "1", "--dtype", "banana"], "unknown dtype 'banana'"),
     (["--prompt-ids", "1", "--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
     (["--prompt-ids", "1", "--seed", "-1"], "seed must be None or an integer >= 0, got -1"),
+    (["--prompt-ids", "1", "--threads", "0"], "threads must be an integer >= 1, got 0"),
+    # Mistakes the command-line parser catches are one line too.
+    (["--prompt-ids", "1", "--temperature", "abc"], "Invalid value for '--temperature'"),
+    (["--prompt-ids", "1", "--no-such-flag"], "No such option: --no-such-flag"),
 ]
 
 
@@ -165,7 +169,9 @@ def test_serve_and_train_refuse(
         port = str(taken.getsockname()[1])
         code, err = run_cli(["serve", "--port", port], monkeypatch, capsys)
         assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
-    # train reports its errors the same way: one line on stderr, exit status 2.
+    # train reports its errors the same way: one line on stderr, exit status 2, its parser's mistakes included.
+    code, err = run_cli(["train", "--out", str(tmp_path / "t"), "--steps", "many"], monkeypatch, capsys)
+    assert code == 2 and "argument --steps: invalid int value: 'many'" in err
     code, err = run_cli(["train", "--preset", "smoke", "--out", str(tmp_path / "t"), "--lr", "-1"], monkeypatch, capsys)
     assert code == 2 and "training setting 'lr' must be a number >= 0, got -1.0" in err
     code, err = run_cli(["train", "--out", str(tmp_path / "t"), "--init-from", str(tmp_path)], monkeypatch, capsys)
@@ -360,3 +366,14 @@ def test_output_folders_where_a_file_stands_are_refused(
     code, err = run_cli([*command, str(taken / "sub")], monkeypatch, capsys)
     assert code == 2 and f"{what} {taken / 'sub'}: {taken} is a file, not a folder" in err
     assert taken.read_text() == "mine"
+
+
+def test_unknown_commands_are_one_line_and_help_and_version_are_not_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run_cli(["banana"], monkeypatch, capsys)
+    assert code == 2 and "No such command 'banana'" in err
+    code, _ = run_cli(["--version"], monkeypatch, capsys)
+    assert code == 0
+    code, _ = run_cli([], monkeypatch, capsys)
+    assert code == 0

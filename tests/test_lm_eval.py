@@ -5,6 +5,7 @@ forward pass."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,22 @@ def test_lm_eval_command_finds_the_depthwave_model(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "depthwave_arithmetic" in done.stdout and "exact_match" in done.stdout
     assert "recurrences per token" in done.stderr
+
+
+def test_without_cuda_lm_evals_default_device_is_not_taken_and_a_bad_device_is_one_line(tmp_path: Path) -> None:
+    """lm-eval passes its own default device (cuda:0) when --device is not given; on a machine without CUDA
+    (hidden here) the model runs on the CPU. A device the user gives that the machine lacks ends the run with one
+    line, not a traceback."""
+    write_tasks(tmp_path / "tasks")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    base = [sys.executable, "-m", "lm_eval", "--model", "depthwave", "--include_path", str(tmp_path / "tasks")]
+    base += ["--tasks", "depthwave_arithmetic", "--limit", "2"]
+    done = subprocess.run([*base, "--model_args", "pretrained=builtin"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exact_match" in done.stdout
+    bad = subprocess.run(
+        [*base, "--model_args", "pretrained=builtin,device=cuda"], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode != 0
+    assert "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert "depthwave: error: device 'cuda': this machine (or this torch build) has no CUDA device" in bad.stderr

@@ -154,7 +154,7 @@ def test_cli_error_contract_internal_errors_and_debug(monkeypatch: pytest.Monkey
     monkeypatch.setattr(sys, "argv", ["depthwave", "generate", "--debug", "--prompt", "What is 3 + 4?"])
     with pytest.raises(RuntimeError, match="simulated bug"):
         cli.main()
-    monkeypatch.setattr(cli, "app", lambda: (_ for _ in ()).throw(CheckpointError("no model.safetensors in x")))
+    monkeypatch.setattr(cli, "app", lambda **_: (_ for _ in ()).throw(CheckpointError("no model.safetensors in x")))
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 2 and capsys.readouterr().err == "depthwave: error: no model.safetensors in x\n"
@@ -164,7 +164,7 @@ def test_cuda_without_cuda_is_refused() -> None:
     import torch
 
     from depthwave.errors import InvalidParameterError
-    from depthwave.llm import resolve_device
+    from depthwave.runtime import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

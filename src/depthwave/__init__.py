@@ -1,6 +1,6 @@
 """depthwave: fast, faithful inference for recurrent-depth language models."""
 
-from depthwave.engine import Engine, EngineConfig
+from depthwave.engine import Engine, EngineConfig, Request
 from depthwave.errors import (
     CheckpointError,
     ConfigError,
@@ -43,6 +43,7 @@ __all__ = [
     "KVPool",
     "PromptError",
     "RecurrentDepthModel",
+    "Request",
     "SamplingParams",
     "SpeculativeParams",
     "SpeculativeSampler",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Fast, faithful inference for recurrent-depth language models. Add --debug to see a traceback on errors.",
+    # Plain click help: rich's option table cuts long option names and choices at 80 columns.
+    rich_markup_mode=None,
 )
 
 
@@ -69,6 +71,12 @@ class _TextStreamer:
     def __call__(self, token: int) -> None:
         sys.stdout.write(f"{token} " if self.text is None else self.text.add([token]))
         sys.stdout.flush()
+
+
+THREADS_HELP = (
+    "torch CPU threads (default: 1 for models under 512 wide, where a second thread does not pay and collapses "
+    "when another process holds a core; else every available core; OMP_NUM_THREADS wins over the default)."
+)
 
 
 @app.command()
@@ -139,6 +147,7 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling and random states.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (the config's), float32, bfloat16, float16.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: tokens, text, stats.")] = False,
     stream: Annotated[bool, typer.Option(help="Stream text to the terminal as it is generated.")] = True,
 ) -> None:
@@ -195,7 +204,7 @@ def generate(
             seed=seed,
             top_p_rule=top_p_rule,  # type: ignore[arg-type]
         )
-        llm = LLM(model, device=device, dtype=dtype)
+        llm = LLM(model, device=device, dtype=dtype, threads=threads)
         engine = llm.sampler(sampler, **{k: v for k, v in sampler_flags.items() if v is not None})
         ids = llm.encode(
             prompt if prompt is not None else _parse_ids(prompt_ids or "", "--prompt-ids"), chat=chat, system=system
@@ -299,16 +308,19 @@ BATCH_SIZE_HELP = "Requests per batch: each sampler runs a chunk of this many sa
 
 
 class _EvalProgress:
-    """A progress bar over (sample, sampler) records with running accuracy and tokens/s per sampler."""
+    """A progress bar over (sample, sampler) records with running accuracy per sampler, and its tokens/s as the
+    summary computes them: the finished batches' decoded tokens over their decode-pass time (requests of a batch
+    decode at the same time, so the sum of their own decode times would count that time many times over)."""
 
     def __init__(self, settings: Any, folder: Path) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from depthwave.eval.harness import read_records
+        from depthwave.eval.harness import BATCHES_FILE, read_records
 
-        self.totals: dict[str, list[float]] = {}
-        for record in read_records(folder):
-            self._add(record)
+        self.accuracy: dict[str, list[int]] = {}
+        self.speed: dict[str, list[float]] = {}
+        self.records(read_records(folder))
+        self.batches(read_records(folder, BATCHES_FILE))
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -318,20 +330,31 @@ class _EvalProgress:
         )
         self.bar = self.progress.add_task("eval", total=None)
 
-    def _add(self, record: dict[str, Any]) -> None:
-        total = self.totals.setdefault(f"{record['task']}/{record['sampler']}", [0, 0, 0, 0.0])
-        total[0] += 1
-        total[1] += record["correct"]
-        total[2] += max(record["generated_tokens"] - 1, 0)
-        total[3] += record["decode_s"]
-
-    def __call__(self, records: list[dict[str, Any]]) -> None:
+    def records(self, records: list[dict[str, Any]]) -> None:
         for record in records:
-            self._add(record)
+            total = self.accuracy.setdefault(f"{record['task']}/{record['sampler']}", [0, 0])
+            total[0] += 1
+            total[1] += record["correct"]
+        self._show(len(records))
+
+    def batches(self, lines: list[dict[str, Any]]) -> None:
+        for line in lines:
+            total = self.speed.setdefault(f"{line['task']}/{line['sampler']}", [0, 0.0])
+            total[0] += line["decoded_tokens"]
+            total[1] += line["decode_s"]
+        self._show(0)
+
+    def _show(self, advance: int) -> None:
+        if not hasattr(self, "progress"):
+            return
         shown = "  ".join(
-            f"{name} {100 * t[1] / t[0]:.0f}% {t[2] / t[3] if t[3] else 0:.0f} tok/s" for name, t in self.totals.items()
+            f"{name} {100 * correct / n:.0f}%" + self._rate(name) for name, (n, correct) in self.accuracy.items()
         )
-        self.progress.update(self.bar, advance=len(records), description=shown)
+        self.progress.update(self.bar, advance=advance, description=shown)
+
+    def _rate(self, name: str) -> str:
+        tokens, seconds = self.speed.get(name, (0, 0.0))
+        return f" {tokens / seconds:.0f} tok/s" if seconds > 0 else ""
 
 
 def _run_with_progress(settings: Any, folder: Path, run: Any) -> Any:
@@ -400,7 +423,7 @@ def eval_command(
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of a local one.")] = None,
     device: Annotated[str | None, typer.Option()] = None,
     dtype: Annotated[str, typer.Option()] = "auto",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process.")] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP + " Per process with --workers.")] = None,
     batch_size: Annotated[int, typer.Option(help=BATCH_SIZE_HELP)] = 64,
 ) -> None:
     """Evaluate samplers on benchmark tasks: the paper's table of accuracy and tokens/s."""
@@ -425,7 +448,9 @@ def eval_command(
             batch_size,
         )
         summary = _run_with_progress(
-            settings, out, lambda p: run_eval(settings, out, workers, ray_address, on_records=p)
+            settings,
+            out,
+            lambda p: run_eval(settings, out, workers, ray_address, on_records=p.records, on_batches=p.batches),
         )
     except DepthwaveError as exc:
         _fail(str(exc))
@@ -453,7 +478,7 @@ def sweep(
     workers: Annotated[int, typer.Option(help="Ray workers.")] = 1,
     device: Annotated[str | None, typer.Option()] = None,
     dtype: Annotated[str, typer.Option()] = "auto",
-    threads: Annotated[int | None, typer.Option()] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
     batch_size: Annotated[int, typer.Option(help=BATCH_SIZE_HELP)] = 64,
 ) -> None:
     """Sweep the diffusion sampler's parameters one at a time; Pareto and per-parameter plots."""
@@ -480,7 +505,9 @@ def sweep(
         grid = parse_grid(param or [])
         settings, fixed = sweep_settings(given, grid)
         summary = _run_with_progress(
-            settings, out, lambda p: run_sweep(settings, grid, fixed, out, workers, on_records=p)
+            settings,
+            out,
+            lambda p: run_sweep(settings, grid, fixed, out, workers, on_records=p.records, on_batches=p.batches),
         )
     except DepthwaveError as exc:
         _fail(str(exc))
@@ -538,7 +565,7 @@ def serve(
     max_waiting: Annotated[int, typer.Option(help="Waiting requests before new ones get 429.")] = 256,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1 << 20,
     shutdown_grace: Annotated[float, typer.Option(help="Seconds running requests get to finish on SIGTERM.")] = 30.0,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (per replica with --replicas).")] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP + " Per replica with --replicas.")] = None,
     replicas: Annotated[
         int, typer.Option(help="Engine replicas behind Ray Serve's HTTP proxy (one GPU each on CUDA); 0: no Ray.")
     ] = 0,
@@ -557,13 +584,9 @@ def serve(
     except ImportError as exc:
         _fail(f"the server needs the serve extra (pip install 'depthwave[serve]'): {exc}")
         return
-    import torch
-
     if threads is not None and threads < 1:
         _fail(f"--threads must be >= 1, got {threads}")
     _check_listen_address(host, port)
-    if threads:
-        torch.set_num_threads(threads)
     flags = parse_sampler_flags(ctx.args)
     if sampler in ("static", "speculative"):
         flags.setdefault("cache_mode", "shared")  # the server's engine runs the shared cache
@@ -581,6 +604,7 @@ def serve(
             admission_delay=admission_delay,
             max_waiting=max_waiting,
             max_body_bytes=max_body_bytes,
+            threads=threads,
         )
     except DepthwaveError as exc:
         _fail(str(exc))
@@ -612,7 +636,8 @@ def lm_eval_tasks(
     ] = None,
 ) -> None:
     """Write lm-eval tasks for the built-in model's arithmetic problems, reading local files (offline):
-    depthwave_arithmetic (generation) and depthwave_arithmetic_mc (multiple choice by log-likelihood)."""
+    depthwave_arithmetic (generation), depthwave_arithmetic_chat (the bare question, for --apply_chat_template)
+    and depthwave_arithmetic_mc (multiple choice by log-likelihood)."""
     from depthwave.eval.lm_harness import write_tasks
 
     try:
@@ -622,6 +647,7 @@ def lm_eval_tasks(
         return
     for path in written:
         typer.echo(f"wrote {path}", err=True)
+    # The command to run next; lm-eval's own default device (cuda:0) is replaced by this machine's (see lm_harness).
     typer.echo(
         f"lm_eval --model depthwave --model_args pretrained=builtin --include_path {out} "
         "--tasks depthwave_arithmetic,depthwave_arithmetic_mc"
@@ -636,21 +662,64 @@ def train(ctx: typer.Context) -> None:
     raise typer.Exit(train_main(ctx.args, prog="depthwave train"))
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        import torch
+
+        typer.echo(f"depthwave {version('depthwave')} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Fast, faithful inference for recurrent-depth language models. Add --debug to see a traceback on errors."""
+
+
+def _click_exceptions() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...], tuple[type[Exception], ...]]:
+    """(usage errors, "no arguments: show the help", aborts) of click and of the copy of click that typer >= 0.22
+    vendors: which one parses the command line depends on typer's version."""
+    modules = []
+    for name in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return (
+        tuple(m.UsageError for m in modules),
+        tuple(m.NoArgsIsHelpError for m in modules if hasattr(m, "NoArgsIsHelpError")),
+        (typer.Abort, *(m.Abort for m in modules if hasattr(m, "Abort"))),
+    )
+
+
 def main() -> None:
-    """The `depthwave` command. A user error is one line `depthwave: error: ...` on stderr and exit status 2 (the
-    commands report theirs so; a DepthwaveError that escapes one is reported the same way); anything unexpected is
-    one line naming the exception and exit status 1, or its traceback with `--debug` (anywhere on the line)."""
+    """The `depthwave` command. A user error, a command-line mistake included, is one line `depthwave: error: ...`
+    on stderr and exit status 2; anything unexpected is one line naming the exception and exit status 1, or its
+    traceback with `--debug` (anywhere on the line)."""
+    usage_errors, no_args, aborts = _click_exceptions()
     debug = "--debug" in sys.argv[1:]
     if debug:
         sys.argv = [arg for i, arg in enumerate(sys.argv) if i == 0 or arg != "--debug"]
     try:
-        app()
+        code = app(standalone_mode=False)
+    except no_args as exc:
+        typer.echo(exc.format_message())
+        code = 0
+    except usage_errors as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "depthwave"
+        print(f"depthwave: error: {one_line(exc.format_message())} (see {command} --help)", file=sys.stderr)
+        sys.exit(2)
     except DepthwaveError as exc:
         if debug:
             raise
         print(f"depthwave: error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, *aborts):
         print("depthwave: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
@@ -662,6 +731,7 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

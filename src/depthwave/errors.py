@@ -3,8 +3,9 @@ parameter dataclasses validate their fields with."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 class DepthwaveError(Exception):
@@ -64,3 +65,11 @@ def make_output_folder(folder: Path, what: str = "the output folder") -> Path:
     except OSError as exc:
         raise InvalidParameterError(f"cannot create {what} {folder}: {exc.strerror or exc}") from None
     return folder
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a command-line mistake as the commands report every user error: one line
+    `depthwave: error: ...` on stderr, exit status 2 (argparse prints its usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"depthwave: error: {one_line(message)} (see {self.prog} --help)\n")

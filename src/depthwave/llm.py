@@ -17,34 +17,11 @@ from depthwave.engine.selection import SamplingParams
 from depthwave.errors import InvalidParameterError, PromptError
 from depthwave.model.loading import load_model, resolve_model_dir
 from depthwave.model.tokenizer import default_stop_ids, load_tokenizer
+from depthwave.runtime import apply_threads, resolve_device
 from depthwave.samplers import SAMPLERS, Sampler
 
 Prompt = str | Sequence[int]
 DEFAULT_SAMPLER = "diffusion"
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to load onto (None: CUDA when there is one), refused when torch does not know it or this
-    machine does not have it."""
-    if device is None:
-        return torch.device(default_device())
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InvalidParameterError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise InvalidParameterError(f"device {device!r}: this machine (or this torch build) has no CUDA device")
-        if resolved.index is not None and resolved.index >= count:
-            raise InvalidParameterError(f"device {device!r}: there are only {count} CUDA device(s)")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise InvalidParameterError(f"device {device!r}: MPS is not available on this machine")
-    return resolved
 
 
 class LLM:
@@ -55,9 +32,15 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         revision: str | None = None,
         max_num_seqs: int = 64,
+        threads: int | None = None,
     ) -> None:
+        """`threads`: torch's CPU threads, set for the whole process (default: one for models under 512 wide,
+        where a second thread does not pay and collapses when another process holds a core; else every available
+        core; OMP_NUM_THREADS, when set, wins over the default). See `depthwave.runtime`."""
         self.folder = resolve_model_dir(model, revision)
-        self.model = load_model(self.folder, resolve_device(device), dtype)
+        resolved = resolve_device(device)
+        self.model = load_model(self.folder, resolved, dtype)
+        self.threads = apply_threads(self.model.config.n_embd, resolved, threads)
         self.tokenizer = load_tokenizer(self.folder)
         self.stop_token_ids = default_stop_ids(self.folder, self.model.config, self.tokenizer)
         self.max_num_seqs = max_num_seqs

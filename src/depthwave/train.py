@@ -59,10 +59,17 @@ from depthwave.data.tokenizer import (
     stop_token_ids,
     train_arithmetic_tokenizer,
 )
-from depthwave.errors import DepthwaveError, make_output_folder, one_line
+from depthwave.errors import (
+    DepthwaveError,
+    InvalidParameterError,
+    OneLineArgumentParser,
+    make_output_folder,
+    one_line,
+)
 from depthwave.model.config import HuginnConfig
 from depthwave.model.loading import load_model, save_model
 from depthwave.model.model import RecurrentDepthModel
+from depthwave.runtime import apply_threads, resolve_device
 from depthwave.samplers.base import SamplingParams
 from depthwave.samplers.static import StaticParams, StaticSampler
 
@@ -158,7 +165,7 @@ class TrainConfig:
     """Save a checkpoint and return after this step (continue later with resume)."""
     device: str = "auto"
     threads: int = 0
-    """CPU threads for torch (0: torch's default)."""
+    """CPU threads for torch (0: depthwave's default, see `depthwave.runtime.choose_threads`)."""
 
     def __post_init__(self) -> None:
         positive = (
@@ -495,14 +502,6 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
 
 
 # ---- the loop -------------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} was asked for but CUDA is not available")
-    return torch.device(name)
-
-
 def _step_generator(seed: int, step: int, salt: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 4 + salt)
 
@@ -570,9 +569,11 @@ def _initial_model(config: TrainConfig, device: torch.device) -> tuple[Tokenizer
 def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None] = print) -> TrainSummary:
     """Run (or continue, with `resume`) the training described by `config`; see the module docstring."""
     out_dir = Path(config.out_dir)
-    device = resolve_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    try:
+        device = resolve_device(None if config.device == "auto" else config.device)
+    except InvalidParameterError as exc:
+        raise TrainingError(str(exc)) from None
+    apply_threads(config.n_embd, device, config.threads or None)
     checkpoint = find_checkpoint(out_dir)
     if checkpoint is not None and not resume:
         raise TrainingError(
@@ -742,12 +743,12 @@ _FLAG_HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "distribution": "problems to train on: classic or wide",
     "init_from": "model folder to start from instead of a fresh model",
-    "threads": "torch CPU threads (0: default)",
+    "threads": "torch CPU threads (0: one below 512 wide, else every core; OMP_NUM_THREADS wins)",
 }
 
 
-def build_parser(prog: str = "python -m depthwave.train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(prog: str = "python -m depthwave.train") -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(
         prog=prog,
         description="Train a recurrent-depth model on arithmetic word problems with the Huginn recipe.",
     )

@@ -22,7 +22,6 @@ and the held-out wordings, so no name, item, shop, activity or wording of it eve
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from depthwave.data import pools
+from depthwave.errors import OneLineArgumentParser
 
 T = TypeVar("T")
 Split = Literal["train", "validation", "test"]
@@ -794,7 +794,7 @@ def write_unseen_set(path: str | Path, count: int = 500, seed: int = 0) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m depthwave.data.arithmetic",
         description="Write a split of the arithmetic word problems (or the unseen set) as JSONL.",
     )

@@ -150,7 +150,7 @@ class EvalSettings:
         if not (isinstance(self.temperature, int | float) and 0 <= self.temperature < float("inf")):
             raise InvalidParameterError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.device is not None:
-            from depthwave.llm import resolve_device
+            from depthwave.runtime import resolve_device
 
             resolve_device(self.device)
         if not self.tasks:
@@ -192,15 +192,17 @@ class Evaluator:
     """A loaded model with its tasks and samplers: runs chunks of samples through the engine, a batch per sampler."""
 
     def __init__(self, settings: EvalSettings) -> None:
-        import torch
-
         from depthwave.llm import LLM
 
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
         self.settings = settings
         dtype = None if settings.dtype == "auto" else settings.dtype
-        self.llm = LLM(settings.model, device=settings.device, dtype=dtype, max_num_seqs=settings.batch_size)
+        self.llm = LLM(
+            settings.model,
+            device=settings.device,
+            dtype=dtype,
+            max_num_seqs=settings.batch_size,
+            threads=settings.threads,
+        )
         self.tasks: dict[str, Task] = {name: get_task(name) for name in settings.tasks}
         self.samplers = {spec.label: self.llm.sampler_params(spec.kind, **spec.params) for spec in settings.samplers}
         self.has_template = bool(self.llm.tokenizer is not None and self.llm.tokenizer.chat_template)
@@ -430,8 +432,11 @@ def run_eval(
     workers: int = 1,
     ray_address: str | None = None,
     on_records: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_batches: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) an evaluation into `folder`; returns the summary. `workers` > 1 spreads chunks of samples
+    """Run (or resume) an evaluation into `folder`; returns the summary. `on_records` sees each sample's record
+    as its request finishes, `on_batches` each finished batch's line (its aggregate decode time and tokens).
+    `workers` > 1 spreads chunks of samples
     over Ray workers, each with its own model replica (see `depthwave.eval.distributed`)."""
     # The data first: a bad data path fails before the folder is claimed, so the corrected rerun is not refused.
     samples = load_samples(settings, {name: get_task(name) for name in settings.tasks})
@@ -444,6 +449,11 @@ def run_eval(
         if on_records:
             on_records(records)
 
+    def emit_batches(lines: list[dict[str, Any]]) -> None:
+        batches.write(lines)
+        if on_batches:
+            on_batches(lines)
+
     try:
         work = list(pending_work(samples, labels, done))
         if workers > 1 or ray_address:
@@ -455,11 +465,11 @@ def run_eval(
                 make_runner, list(chunks(work, settings.batch_size)), workers, ray_address, gpus
             ):
                 emit(records)
-                batches.write(lines)
+                emit_batches(lines)
         else:
             evaluator = Evaluator(settings)
             for turn, chunk in enumerate(chunks(work, settings.batch_size)):
-                batches.write(evaluator.run_chunk(chunk, turn, emit))
+                emit_batches(evaluator.run_chunk(chunk, turn, emit))
     finally:
         writer.close()
         batches.close()

@@ -17,6 +17,7 @@ models, and imports nothing else.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, fields
@@ -27,7 +28,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 
 from depthwave.engine import Request
-from depthwave.errors import InvalidParameterError, make_output_folder
+from depthwave.errors import DepthwaveError, InvalidParameterError, make_output_folder, one_line
 from depthwave.eval.harness import sample_seed
 from depthwave.llm import LLM
 from depthwave.samplers import SamplingParams
@@ -37,6 +38,33 @@ log = logging.getLogger("lm_eval")
 # lm-eval's generation keys and the SamplingParams fields they set; `sampler` and the sampler's own fields are the
 # other keys a request may carry.
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+# What lm-eval's command line passes as the device when --device is not given. It cannot be told apart from a user
+# who typed it, so on a machine without CUDA it stands for "no device asked for"; a device in --model_args is
+# always taken as asked.
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"
+
+
+def _running_lm_eval_cli() -> bool:
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    return program.name in ("lm_eval", "lm-eval") or program.parts[-2:] == ("lm_eval", "__main__.py")
+
+
+def _one_line_errors(previous: Any) -> Any:
+    """An excepthook for lm-eval's command line: a depthwave error (a bad device, sampler or parameter) ends the
+    run with one line on stderr, as it does in the `depthwave` command, instead of a traceback."""
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+        if isinstance(error, DepthwaveError):
+            print(f"depthwave: error: {one_line(str(error))}", file=sys.stderr)
+            return
+        previous(kind, error, traceback)
+
+    return hook
+
+
+if _running_lm_eval_cli():
+    sys.excepthook = _one_line_errors(sys.excepthook)
 
 
 @dataclass
@@ -69,11 +97,13 @@ class DepthwaveLM(TemplateLM):
         seed: int = 0,
         max_gen_toks: int = 256,
         max_batch_size: int | None = None,
+        threads: int | None = None,
         **sampler_params: Any,
     ) -> None:
         super().__init__()
         self.batch_size = _batch_size(batch_size, max_batch_size)
-        self.llm = LLM(str(pretrained), device=device, dtype=None if dtype in (None, "auto") else dtype)
+        dtype = None if dtype in (None, "auto") else dtype
+        self.llm = LLM(str(pretrained), device=device, dtype=dtype, threads=None if threads is None else int(threads))
         self.llm.max_num_seqs = self.batch_size
         if self.llm.tokenizer is None:
             raise InvalidParameterError(f"{pretrained} has no tokenizer.json; lm-eval works on text")
@@ -91,6 +121,8 @@ class DepthwaveLM(TemplateLM):
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None) -> Any:
         # lm-eval adds its own batch_size (1 unless --batch_size is given) and device; --model_args wins.
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        if extra.get("device") == LM_EVAL_DEFAULT_DEVICE and not torch.cuda.is_available():
+            del extra["device"]
         return cls(**arg_dict, **extra)
 
     @classmethod

@@ -48,6 +48,8 @@ class ServeSettings:
     """EngineConfig.admission_delay: newcomers' prefills batch together at the cost of a little first-token time."""
     max_waiting: int = 256
     max_body_bytes: int = 1 << 20
+    threads: int | None = None
+    """torch CPU threads (None: depthwave's default, `depthwave.runtime.choose_threads`)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,7 +85,7 @@ class Server:
 
         try:
             s = self.settings
-            llm = LLM(s.model, device=s.device, dtype=s.dtype)
+            llm = LLM(s.model, device=s.device, dtype=s.dtype, threads=s.threads)
             sampler = s.sampler or DiffusionParams()
             engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, s.engine_config)
         except Exception as exc:  # reported by /health and every endpoint

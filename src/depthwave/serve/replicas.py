@@ -44,7 +44,7 @@ def deploy(
     """Start Ray Serve's proxy on host:port and `replicas` servers behind it; returns once all are ready.
     loopback: the cluster is a private loopback one, whose replicas must not listen on other interfaces."""
     _, serve = _ray_serve()
-    from depthwave.llm import default_device
+    from depthwave.runtime import default_device
 
     gpus = 1 if (settings.device or default_device()).startswith("cuda") else 0
     cpus = threads or 1
