@@ -40,7 +40,7 @@ from depthwave.data.arithmetic import extract_answer
 from depthwave.data.tokenizer import question_prompt
 from depthwave.engine import Request
 from depthwave.llm import LLM
-from depthwave.samplers import SamplingParams
+from depthwave.samplers import SamplingParams, registry
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEST_SET = Path(__file__).resolve().parents[1] / "src/depthwave/assets/arithmetic/test.jsonl"
@@ -48,7 +48,7 @@ SAMPLERS = {"diffusion": {}, "static": {"cache_mode": "shared"}}
 
 
 def run(llm: LLM, sampler: str, prompts: list[list[int]], answers: list[int], batch: int, tokens: int) -> dict:
-    params = llm.sampler_params(sampler, **SAMPLERS[sampler])
+    params = registry.make(sampler, **SAMPLERS[sampler])
     requests = [
         Request(ids, SamplingParams(temperature=0.0, max_new_tokens=tokens, seed=i), params)
         for i, ids in enumerate(prompts)

@@ -11,7 +11,8 @@ import torch
 
 from depthwave import InvalidParameterError, SamplingParams, StaticParams, StaticSampler, random_model
 from depthwave.model import load_model
-from depthwave.samplers.adaptive import AUTO_THRESHOLDS, AdaptiveParams, AdaptiveSampler
+from depthwave.samplers import AdaptiveParams, AdaptiveSampler
+from depthwave.samplers.adaptive import AUTO_THRESHOLDS
 from tests.conftest import (
     REFERENCE_FIXTURES,
     check_stops_streaming_and_seeds,

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from depthwave import LLM, SamplingParams, random_model
 from depthwave.errors import CheckpointError, DepthwaveError, InvalidParameterError, PromptError
 from depthwave.model.loading import BUILTIN_DIR, load_model, save_model
+from depthwave.samplers import registry
 from tests.conftest import micro_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -286,7 +287,7 @@ def test_integer_tensors_and_numpy_ids_are_accepted_exactly(llm: LLM) -> None:
 )
 def test_bad_sampler_parameters_are_refused(sampler: str, params: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidParameterError, match=message):
-        LLM.sampler_params(sampler, **params)
+        registry.make(sampler, **params)
 
 
 @pytest.mark.parametrize(

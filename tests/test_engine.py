@@ -313,5 +313,5 @@ def test_stop_strings_need_a_tokenizer_and_are_refused_before_they_run() -> None
     model = random_model(micro_config(), seed=0)
     engine = Engine(model, config=EngineConfig(max_num_seqs=2, max_model_len=64))
     with pytest.raises(InvalidParameterError, match="stop strings need the model's tokenizer"):
-        engine.add_request([1, 2, 3], SamplingParams(stop=("x",), max_new_tokens=4))
+        engine.add_request([1, 2, 3], SamplingParams(stop=("x",), max_new_tokens=4), DiffusionParams())
     assert not engine.has_unfinished

@@ -10,14 +10,9 @@ import pytest
 
 from depthwave.errors import InvalidParameterError
 from depthwave.eval import harness
-from depthwave.eval.harness import (
-    BATCHES_FILE,
-    EvalSettings,
-    SamplerSpec,
-    parse_samplers,
-    read_records,
-    run_eval,
-)
+from depthwave.eval.harness import BATCHES_FILE, EvalSettings, read_records, run_eval
+from depthwave.samplers.registry import SamplerSpec
+from depthwave.samplers.registry import parse_specs as parse_samplers
 
 FAST = "static(num_steps=4),quick=diffusion(num_steps=4,inner_recurrence=2)"
 

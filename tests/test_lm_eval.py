@@ -19,9 +19,10 @@ lm_eval = pytest.importorskip("lm_eval", reason="needs the lm-eval extra")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from depthwave.errors import InvalidParameterError  # noqa: E402
-from depthwave.eval.harness import EvalSettings, parse_samplers, read_records, run_eval  # noqa: E402
+from depthwave.eval.harness import EvalSettings, read_records, run_eval  # noqa: E402
 from depthwave.eval.lm_harness import DepthwaveLM, write_tasks  # noqa: E402
 from depthwave.samplers.diffusion import DiffusionParams  # noqa: E402
+from depthwave.samplers.registry import parse_specs  # noqa: E402
 from depthwave.serve.app import ServeSettings  # noqa: E402
 from tests.test_serve import running  # noqa: E402
 
@@ -69,7 +70,7 @@ def test_native_generation_matches_depthwave_eval_per_sample(
     native.sampler_name, native.sampler_defaults = sampler, {}
     out = evaluate(native, tasks, ["depthwave_arithmetic"])
     ours = per_sample(out, "depthwave_arithmetic", "exact_match")
-    run_eval(EvalSettings(samplers=tuple(parse_samplers(sampler)), limit=LIMIT), tmp_path)
+    run_eval(EvalSettings(samplers=tuple(parse_specs(sampler)), limit=LIMIT), tmp_path)
     theirs = {r["index"]: float(r["correct"]) for r in read_records(tmp_path)}
     assert len(ours) == LIMIT and ours == theirs
     texts = {s["doc_id"]: s["resps"][0][0] for s in out["samples"]["depthwave_arithmetic"]}

@@ -12,7 +12,7 @@ from depthwave import InvalidParameterError, SamplingParams, StaticParams, Stati
 from depthwave.engine.selection import filtered_probs
 from depthwave.llm import LLM
 from depthwave.model import load_model
-from depthwave.samplers.speculative import SpeculativeParams, SpeculativeSampler
+from depthwave.samplers import SpeculativeParams, SpeculativeSampler
 from tests.conftest import (
     REFERENCE_FIXTURES,
     RETROFIT_FIXTURES,

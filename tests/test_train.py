@@ -14,10 +14,10 @@ from tokenizers import Tokenizer
 
 from depthwave.data.arithmetic import make_split, train_batch
 from depthwave.data.tokenizer import special_token_ids, train_arithmetic_tokenizer
+from depthwave.engine.selection import SamplingParams
 from depthwave.llm import LLM
 from depthwave.model.loading import load_model
 from depthwave.model.model import RecurrentDepthModel
-from depthwave.samplers.base import SamplingParams
 from depthwave.train import (
     CHECKPOINT_DIR,
     IGNORE_INDEX,

@@ -64,9 +64,9 @@ class _TextStreamer:
     """Prints text as tokens arrive, never splitting a multi-byte character (token ids without a tokenizer)."""
 
     def __init__(self, tokenizer: Any) -> None:
-        from depthwave.engine.output import IncrementalDetokenizer
+        from depthwave.engine.output import TextStream
 
-        self.text = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.text = TextStream(tokenizer) if tokenizer is not None else None
 
     def __call__(self, token: int) -> None:
         sys.stdout.write(f"{token} " if self.text is None else self.text.add([token]))
@@ -277,7 +277,8 @@ def _eval_settings(
     threads: int | None,
     batch_size: int,
 ) -> Any:
-    from depthwave.eval.harness import EvalSettings, parse_samplers
+    from depthwave.eval.harness import EvalSettings
+    from depthwave.samplers.registry import parse_specs
 
     files = {}
     for item in data:
@@ -288,7 +289,7 @@ def _eval_settings(
     return EvalSettings(
         model=model,
         tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
-        samplers=tuple(parse_samplers(samplers)),
+        samplers=tuple(parse_specs(samplers)),
         limit=limit,
         seed=seed,
         temperature=temperature,
@@ -518,7 +519,7 @@ def sweep(
 
 def parse_sampler_flags(args: list[str]) -> dict[str, Any]:
     """`--inner-recurrence 8 --exit-threshold=0.05 --continuous-compute --no-full-prefill` as sampler parameters."""
-    from depthwave.eval.harness import parse_literal
+    from depthwave.samplers.registry import parse_literal
 
     out: dict[str, Any] = {}
     i = 0
@@ -579,7 +580,7 @@ def serve(
     try:
         import uvicorn
 
-        from depthwave.llm import LLM
+        from depthwave.samplers import registry
         from depthwave.serve.app import ServeSettings, create_app
     except ImportError as exc:
         _fail(f"the server needs the serve extra (pip install 'depthwave[serve]'): {exc}")
@@ -588,14 +589,14 @@ def serve(
         _fail(f"--threads must be >= 1, got {threads}")
     _check_listen_address(host, port)
     flags = parse_sampler_flags(ctx.args)
-    if sampler in ("static", "speculative"):
-        flags.setdefault("cache_mode", "shared")  # the server's engine runs the shared cache
     try:
-        default = LLM.sampler_params(sampler, **flags)
+        # The engine's KV cache is the default sampler's (the server's own default: shared); requests run on it.
+        cache_mode = flags.pop("cache_mode", "shared")
         settings = ServeSettings(
             model=model,
             served_model_name=served_model_name,
-            sampler=default,
+            sampler=registry.make(sampler, engine_cache=cache_mode, **flags),
+            cache_mode=cache_mode,
             device=device,
             dtype=None if dtype == "auto" else dtype,
             api_key=api_key,

@@ -1,9 +1,10 @@
-"""Exceptions that carry a message meant for the user, printed as one line by the CLI, and the small checks that
-parameter dataclasses validate their fields with."""
+"""Exceptions that carry a message meant for the user, printed as one line by the CLI, the small checks that
+parameter dataclasses validate their fields with, and `param`, a field with its help text."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -73,3 +74,14 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"depthwave: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def param(default: Any, help: str) -> Any:
+    """A parameter dataclass field with its help text, which every front end shows (command-line flags, the
+    server's schema): the text lives with the field, once."""
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(cls: type, name: str) -> str:
+    """The help text of field `name` of a parameter dataclass (empty when it has none)."""
+    return next((f.metadata.get("help", "") for f in fields(cls) if f.name == name), "")

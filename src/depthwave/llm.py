@@ -5,23 +5,24 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from depthwave.engine.engine import Engine, EngineConfig, EngineStats, as_token_ids, check_prompt, check_text
+from depthwave.engine.policy import sizing
 from depthwave.engine.request import GenerationResult, Request, StepOutput
 from depthwave.engine.selection import SamplingParams
 from depthwave.errors import InvalidParameterError, PromptError
 from depthwave.model.loading import load_model, resolve_model_dir
 from depthwave.model.tokenizer import default_stop_ids, load_tokenizer
 from depthwave.runtime import apply_threads, resolve_device
-from depthwave.samplers import SAMPLERS, Sampler
+from depthwave.samplers import registry
+from depthwave.samplers.frontend import Sampler
+from depthwave.samplers.registry import DEFAULT_SAMPLER
 
 Prompt = str | Sequence[int]
-DEFAULT_SAMPLER = "diffusion"
 
 
 class LLM:
@@ -46,22 +47,9 @@ class LLM:
         self.max_num_seqs = max_num_seqs
 
     # ---- samplers -----------------------------------------------------------------------------------------
-    @staticmethod
-    def sampler_params(name: str = DEFAULT_SAMPLER, **params: Any) -> Any:
-        """The parameter dataclass of sampler `name` (`DiffusionParams`, ...), checked for unknown fields."""
-        if name not in SAMPLERS:
-            raise InvalidParameterError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-        params_cls = SAMPLERS[name][1]
-        known = {f.name for f in fields(params_cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise InvalidParameterError(f"sampler {name!r} has no parameter(s) {unknown}; it takes {sorted(known)}")
-        return params_cls(**params)
-
     def sampler(self, name: str = DEFAULT_SAMPLER, **params: Any) -> Sampler:
         """A one-prompt sampler bound to this model; `params` are the fields of that sampler's parameter dataclass."""
-        sampler_cls = SAMPLERS[name][0] if name in SAMPLERS else Sampler
-        return sampler_cls(self.model, self.tokenizer, self.stop_token_ids, params=self.sampler_params(name, **params))
+        return Sampler(self.model, self.tokenizer, self.stop_token_ids, params=registry.make(name, **params))
 
     # ---- prompts ------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False, system: str | None = None) -> list[int]:
@@ -116,7 +104,7 @@ class LLM:
         if isinstance(sampler, Sampler):
             sampler = sampler.params
         if isinstance(sampler, str):
-            sampler = self.sampler_params(sampler, **sampler_params)
+            sampler = registry.make(sampler, **sampler_params)
         elif sampler_params:
             raise InvalidParameterError("sampler parameters go into the sampler object when one is given")
         samplers = self._per_prompt(sampler, len(items), "sampler", None)
@@ -129,8 +117,7 @@ class LLM:
     def check(self, request: Request) -> None:
         """Raise the DepthwaveError that running this request would raise (bad prompt, impossible settings)."""
         request.prompt_token_ids = check_prompt(request.prompt_token_ids, self.model.config)
-        sampler = request.sampler
-        sampler.policy_class().size(sampler, len(request.prompt_token_ids), request.sampling, self.model.config)
+        sizing(request.sampler, len(request.prompt_token_ids), request.sampling, self.model.config)
 
     def run(
         self,
@@ -173,10 +160,7 @@ class LLM:
 
     def engine(self, requests: Sequence[Request], cache_mode: str = "shared", **config: Any) -> Engine:
         """An engine whose rows hold the largest of `requests` (or `config`'s EngineConfig fields)."""
-        sizes = [
-            r.sampler.policy_class().size(r.sampler, len(r.prompt_token_ids), r.sampling, self.model.config)
-            for r in requests
-        ]
+        sizes = [sizing(r.sampler, len(r.prompt_token_ids), r.sampling, self.model.config) for r in requests]
         defaults: dict[str, Any] = {
             "max_num_seqs": max(1, min(self.max_num_seqs, len(requests))),
             "max_model_len": max((s.cache for s in sizes), default=None),

@@ -59,6 +59,7 @@ from depthwave.data.tokenizer import (
     stop_token_ids,
     train_arithmetic_tokenizer,
 )
+from depthwave.engine.selection import SamplingParams
 from depthwave.errors import (
     DepthwaveError,
     InvalidParameterError,
@@ -70,8 +71,8 @@ from depthwave.model.config import HuginnConfig
 from depthwave.model.loading import load_model, save_model
 from depthwave.model.model import RecurrentDepthModel
 from depthwave.runtime import apply_threads, resolve_device
-from depthwave.samplers.base import SamplingParams
-from depthwave.samplers.static import StaticParams, StaticSampler
+from depthwave.samplers.frontend import StaticSampler
+from depthwave.samplers.static import StaticParams
 
 # Positions the built-in model supports: the longest prompt plus solution is about 130 tokens.
 CONTEXT_LENGTH = 256

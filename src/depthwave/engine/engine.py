@@ -31,7 +31,7 @@ from torch import Tensor
 
 from depthwave.engine.buffers import RowBuffers
 from depthwave.engine.output import Output, StopCondition, cut_at_stop_strings
-from depthwave.engine.policy import Chunk, EngineContext, ExitGroup, Policy, SamplerParams
+from depthwave.engine.policy import Chunk, EngineContext, ExitGroup, PassResult, Policy, SamplerParams, sizing
 from depthwave.engine.request import GenerationResult, Request, StepOutput
 from depthwave.engine.scheduler import Scheduler
 from depthwave.engine.selection import Choice, SamplingParams, select_tokens
@@ -120,40 +120,9 @@ class EngineStats:
         return self.full_pass_tokens / self.full_pass_time_s if self.full_pass_time_s > 0 else 0.0
 
 
-@dataclass
-class PassResult:
-    """The outputs of one pass, for the samplers to read."""
-
-    requests: list[Request]
-    at: Positions
-    chunks: list[Chunk]
-    wave_in: Tensor
-    """[B, S, D] the chunks' initial states (before noise)."""
-    wave_out: Tensor
-    """[B, S, D] their states after the pass's recurrences."""
-    latents: Tensor
-    """[B, S, D] the coda's view of wave_out (ln_f of it for Huginn, wave_out itself for the retrofits)."""
-    logits: Tensor | None
-    """[N, V] fp32, the chunks' logits rows one after another."""
-    logit_rows: list[slice]
-    tokens: Tensor | None
-    """[N] the tokens the engine chose (rows whose chunk asked for selection)."""
-    steps: list[int]
-    """Recurrences each row ran."""
-    prefill: bool
-
-    def tokens_of(self, index: int) -> Tensor:
-        assert self.tokens is not None
-        return self.tokens[self.logit_rows[index]]
-
-    def logits_of(self, index: int) -> Tensor:
-        assert self.logits is not None
-        return self.logits[self.logit_rows[index]]
-
-
-class LiveRows:
-    """The rows of an exit group that are still recurring, for its check: their states, sizes and predictions,
-    gathered only for the rows that are due."""
+class GroupRows:
+    """`LiveRows` of a pass: the rows of an exit group that are still recurring, for its check (their states,
+    sizes and predictions, gathered only for the rows that are due)."""
 
     def __init__(self, engine: Engine, state: Tensor, at: Positions, local: list[int]) -> None:
         self.engine, self.state, self.at, self.local = engine, state, at, local
@@ -269,16 +238,12 @@ class Engine:
     def add_request(
         self,
         prompt_token_ids: Sequence[int],
-        sampling: SamplingParams | None = None,
-        sampler: SamplerParams | None = None,
+        sampling: SamplingParams | None,
+        sampler: SamplerParams,
         request_id: str | None = None,
     ) -> Request:
-        """Queue a request; it joins the batch at the next step that has room. The sampler defaults to the
-        diffusion forcing sampler with the paper's settings."""
-        if sampler is None:
-            from depthwave.samplers.diffusion import DiffusionParams
-
-            sampler = DiffusionParams()
+        """Queue a request with its sampler's parameters (`DiffusionParams()`, ...); it joins the batch at the next
+        step that has room."""
         request = Request(list(prompt_token_ids), sampling or SamplingParams(), sampler, request_id or "")
         self.add(request)
         return request
@@ -287,19 +252,18 @@ class Engine:
         if request.request_id in self.requests:
             raise InvalidParameterError(f"request id {request.request_id!r} is already in this engine")
         request.prompt_token_ids = check_prompt(request.prompt_token_ids, self.model.config)
-        policy = request.sampler.policy_class()
         if getattr(request.sampler, "cache_mode", self.pool.mode) != self.pool.mode:
             raise InvalidParameterError(
                 f"this engine runs a {self.pool.mode!r} KV cache; {request.sampler.name} with "
                 f"cache_mode={request.sampler.cache_mode!r} needs an engine of its own"  # type: ignore[attr-defined]
             )
-        sizing = policy.size(request.sampler, len(request.prompt_token_ids), request.sampling, self.model.config)
-        if self.pool.max_steps is not None and sizing.max_step > self.pool.max_steps:
+        bounds = sizing(request.sampler, len(request.prompt_token_ids), request.sampling, self.model.config)
+        if self.pool.max_steps is not None and bounds.max_step > self.pool.max_steps:
             raise InvalidParameterError(
-                f"{request.sampler.name} runs recurrence slot {sizing.max_step} but this engine's per-step cache has "
+                f"{request.sampler.name} runs recurrence slot {bounds.max_step} but this engine's per-step cache has "
                 f"{self.pool.max_steps} (EngineConfig.max_steps)"
             )
-        request.positions_needed, request.buffer_needed, request.budget = sizing.cache, sizing.buffer, sizing.budget
+        request.positions_needed, request.buffer_needed, request.budget = bounds.cache, bounds.buffer, bounds.budget
         sampling = request.sampling
         vocab = self.model.config.vocab_size
         outside = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
@@ -559,7 +523,7 @@ class Engine:
             for group, members in exits:
                 here = [(k, members[b]) for k, b in enumerate(computed) if b in members]
                 if here:
-                    rows = LiveRows(self, state, step_at, [k for k, _ in here])
+                    rows = GroupRows(self, state, step_at, [k for k, _ in here])
                     fired = group.check(i, [m for _, m in here], rows)
                     gone = {computed[k] for (k, _), exit_now in zip(here, fired, strict=True) if exit_now}
                     live = [b for b in live if b not in gone]

@@ -23,7 +23,6 @@ from depthwave.engine.request import GenerationStats, Request
 
 if TYPE_CHECKING:
     from depthwave.engine.buffers import RowBuffers
-    from depthwave.engine.engine import PassResult
     from depthwave.engine.selection import SamplingParams
     from depthwave.model.config import HuginnConfig
     from depthwave.model.kv_cache import KVPool
@@ -37,6 +36,12 @@ class SamplerParams(Protocol):
     name: ClassVar[str]
 
     def policy_class(self) -> type[Policy]: ...
+
+
+def sizing(params: SamplerParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:
+    """What a request may use at most (its policy's `size`); raises InvalidParameterError for a combination that
+    cannot run. The one place a request is sized: the engine at admission, `LLM` for its engines, the front end."""
+    return params.policy_class().size(params, prompt_len, sampling, config)
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,57 @@ class ExitRule(ABC):
     def group(cls, rules: list[ExitRule], initial: Tensor, at: Positions) -> ExitGroup: ...
 
 
+class LiveRows(Protocol):
+    """An exit group's rows that are still recurring, j indexing them: computed only when a check asks."""
+
+    def size(self, j: int) -> int:
+        """The number of real positions of row j."""
+        ...
+
+    def states(self, js: Sequence[int]) -> Tensor:
+        """[n, S, D] the current states of rows js."""
+        ...
+
+    def logits(self, js: Sequence[int]) -> Tensor:
+        """[n, V] next-token logits at the last real position of rows js (coda and head on their states)."""
+        ...
+
+
 class ExitGroup(ABC):
     @abstractmethod
-    def check(self, step: int, live: Sequence[int], rows: Any) -> list[bool]:
-        """After recurrence `step` (0-based), which of the group's rows `live` (indices into the group) exit now.
-        `rows` (an `engine.LiveRows`) gives, for positions j in `live`, `states(js)`, `size(j)` and `logits(js)`
-        (the last real position's prediction), computed only when asked for."""
+    def check(self, step: int, live: Sequence[int], rows: LiveRows) -> list[bool]:
+        """After recurrence `step` (0-based), which of the group's rows `live` (indices into the group) exit now."""
+
+
+@dataclass
+class PassResult:
+    """The outputs of one pass, for the samplers to read."""
+
+    requests: list[Request]
+    at: Positions
+    chunks: list[Chunk]
+    wave_in: Tensor
+    """[B, S, D] the chunks' initial states (before noise)."""
+    wave_out: Tensor
+    """[B, S, D] their states after the pass's recurrences."""
+    latents: Tensor
+    """[B, S, D] the coda's view of wave_out (ln_f of it for Huginn, wave_out itself for the retrofits)."""
+    logits: Tensor | None
+    """[N, V] fp32, the chunks' logits rows one after another."""
+    logit_rows: list[slice]
+    tokens: Tensor | None
+    """[N] the tokens the engine chose (rows whose chunk asked for selection)."""
+    steps: list[int]
+    """Recurrences each row ran."""
+    prefill: bool
+
+    def tokens_of(self, index: int) -> Tensor:
+        assert self.tokens is not None
+        return self.tokens[self.logit_rows[index]]
+
+    def logits_of(self, index: int) -> Tensor:
+        assert self.logits is not None
+        return self.logits[self.logit_rows[index]]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ synchronisation); the prefill is reported separately (median per request).
 
 from __future__ import annotations
 
-import ast
 import functools
 import json
 import os
@@ -32,6 +31,7 @@ from typing import Any
 
 from depthwave.errors import DepthwaveError, InvalidParameterError, make_output_folder
 from depthwave.eval.tasks import Sample, Task, get_task
+from depthwave.samplers.registry import SamplerSpec
 
 RECORDS_FILE = "samples.jsonl"
 BATCHES_FILE = "batches.jsonl"
@@ -41,91 +41,13 @@ TABLE_FILE = "table.md"
 
 
 @dataclass(frozen=True)
-class SamplerSpec:
-    """A sampler row of the table: the sampler's name, its parameters, and the label the table shows."""
-
-    kind: str
-    params: dict[str, Any] = field(default_factory=dict)
-    label: str = ""
-
-    def __post_init__(self) -> None:
-        from depthwave.llm import LLM
-
-        # Built once here to check the name and every value (a string where a boolean belongs, ...) before a run
-        # writes its settings.json.
-        LLM.sampler_params(self.kind, **self.params)
-        if not self.label:
-            shown = ",".join(f"{k}={v}" for k, v in self.params.items())
-            object.__setattr__(self, "label", f"{self.kind}({shown})" if shown else self.kind)
-
-    @classmethod
-    def parse(cls, text: str) -> SamplerSpec:
-        """`name` or `name(key=value,...)`, optionally prefixed `label=`: e.g. `diffusion(inner_recurrence=8)`,
-        `fast=speculative(draft_steps=2,lookahead=8)`. Values are Python literals; bare words are strings."""
-        text = text.strip()
-        label = ""
-        head, paren, _ = text.partition("(")
-        if "=" in head:
-            label, text = (part.strip() for part in text.split("=", 1))
-            head, paren, _ = text.partition("(")
-        kind, params = head.strip(), {}
-        if paren:
-            if not text.endswith(")"):
-                raise InvalidParameterError(f"sampler {text!r}: missing ')'")
-            for item in _split_top_level(text[len(head) + 1 : -1]):
-                key, eq, value = item.partition("=")
-                if not eq or not key.strip():
-                    raise InvalidParameterError(f"sampler {text!r}: expected key=value, got {item!r}")
-                params[key.strip()] = parse_literal(value.strip())
-        if not kind:
-            raise InvalidParameterError(f"sampler {text!r}: no sampler name")
-        return cls(kind, params, label)
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split at commas that are not inside brackets or parentheses."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += char in "([{"
-        depth -= char in ")]}"
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    if current.strip():
-        parts.append(current)
-    return [p for p in (part.strip() for part in parts) if p]
-
-
-def parse_literal(value: str) -> Any:
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        lowered = value.lower()
-        return {"true": True, "false": False, "none": None}.get(lowered, value)
-
-
-def parse_samplers(text: str | Iterable[str]) -> list[SamplerSpec]:
-    """A comma-separated list of sampler specs (commas inside parentheses belong to a spec)."""
-    items = _split_top_level(text) if isinstance(text, str) else list(text)
-    specs = [SamplerSpec.parse(item) for item in items]
-    if not specs:
-        raise InvalidParameterError("give at least one sampler")
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise InvalidParameterError(f"sampler labels must be unique, got {labels}; name them with label=...")
-    return specs
-
-
-@dataclass(frozen=True)
 class EvalSettings:
     """One evaluation run. `data`: per-task data file/folder (default: the task's own source). `chat`: None =
     each task's preference when the model has a chat template. `max_new_tokens`: None = each task's default."""
 
     model: str = "builtin"
     tasks: tuple[str, ...] = ("arithmetic",)
-    samplers: tuple[SamplerSpec, ...] = (SamplerSpec("static"),)
+    samplers: tuple[SamplerSpec, ...] = (SamplerSpec("static", {}),)
     limit: int | None = None
     seed: int = 0
     temperature: float = 0.0
@@ -204,7 +126,7 @@ class Evaluator:
             threads=settings.threads,
         )
         self.tasks: dict[str, Task] = {name: get_task(name) for name in settings.tasks}
-        self.samplers = {spec.label: self.llm.sampler_params(spec.kind, **spec.params) for spec in settings.samplers}
+        self.samplers = {spec.label: spec.build() for spec in settings.samplers}
         self.has_template = bool(self.llm.tokenizer is not None and self.llm.tokenizer.chat_template)
         self.batches = 0
 

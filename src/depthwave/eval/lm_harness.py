@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from depthwave.engine import Request
 from depthwave.errors import DepthwaveError, InvalidParameterError, make_output_folder, one_line
 from depthwave.eval.harness import sample_seed
 from depthwave.llm import LLM
-from depthwave.samplers import SamplingParams
+from depthwave.samplers import SamplingParams, registry
 
 log = logging.getLogger("lm_eval")
 
@@ -110,7 +110,7 @@ class DepthwaveLM(TemplateLM):
         self.pretrained = str(pretrained)
         self.sampler_name = sampler
         self.sampler_defaults = dict(sampler_params)
-        LLM.sampler_params(sampler, **sampler_params)  # checked now, so that a typo fails before any task runs
+        registry.make(sampler, **sampler_params)  # checked now, so that a typo fails before any task runs
         self.num_steps = num_steps
         self.seed = seed
         self.max_gen_toks = max_gen_toks
@@ -215,7 +215,7 @@ class DepthwaveLM(TemplateLM):
             temperature=float(temperature), max_new_tokens=max_new, stop=stops, seed=seed, **sampling
         )
         name = kwargs.pop("sampler", self.sampler_name)
-        known = {f.name for f in fields(LLM.sampler_params(name).__class__)}
+        known = set(registry.field_names(name))
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise InvalidParameterError(
@@ -223,7 +223,7 @@ class DepthwaveLM(TemplateLM):
                 f"{', '.join(SAMPLING_KEYS)}; sampler {name!r} takes {sorted(known)}"
             )
         defaults = self.sampler_defaults if name == self.sampler_name else {}
-        return params, LLM.sampler_params(name, **{**defaults, **kwargs})
+        return params, registry.make(name, **{**defaults, **kwargs})
 
     def _log(self, task: str, stats: TaskStats) -> None:
         self.task_stats[task] = stats

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from depthwave.errors import InvalidParameterError
-from depthwave.eval.harness import EvalSettings, SamplerSpec, parse_literal, run_eval
+from depthwave.eval.harness import EvalSettings, run_eval
 from depthwave.samplers.diffusion import DiffusionParams
+from depthwave.samplers.registry import SamplerSpec, parse_literal
 
 PAPER_DEFAULTS: dict[str, Any] = {
     "inner_recurrence": 4,

@@ -1,22 +1,25 @@
-"""The samplers: policies that the engine runs for many requests at once, and their one-prompt front ends."""
+"""The samplers: policies that the engine runs for many requests at once, their parameters (one registry for
+every front end), and the one-prompt front end."""
 
 from depthwave.engine.request import GenerationResult, GenerationStats
 from depthwave.engine.selection import SamplingParams
-from depthwave.samplers.adaptive import AdaptiveParams, AdaptiveSampler, AdaptiveStats
-from depthwave.samplers.base import GenerationStream, Sampler
-from depthwave.samplers.diffusion import DiffusionParams, DiffusionSampler, DiffusionStats
-from depthwave.samplers.speculative import SpeculativeParams, SpeculativeSampler, SpeculativeStats
-from depthwave.samplers.static import StaticParams, StaticSampler, StaticStats
-
-SAMPLERS: dict[str, tuple[type[Sampler], type]] = {
-    "static": (StaticSampler, StaticParams),
-    "adaptive": (AdaptiveSampler, AdaptiveParams),
-    "speculative": (SpeculativeSampler, SpeculativeParams),
-    "diffusion": (DiffusionSampler, DiffusionParams),
-}
+from depthwave.samplers.adaptive import AdaptiveParams, AdaptiveStats
+from depthwave.samplers.diffusion import DiffusionParams, DiffusionStats
+from depthwave.samplers.frontend import (
+    AdaptiveSampler,
+    DiffusionSampler,
+    GenerationStream,
+    Sampler,
+    SpeculativeSampler,
+    StaticSampler,
+)
+from depthwave.samplers.registry import DEFAULT_SAMPLER, PARAMS, SamplerSpec, make, parse_specs
+from depthwave.samplers.speculative import SpeculativeParams, SpeculativeStats
+from depthwave.samplers.static import StaticParams, StaticStats
 
 __all__ = [
-    "SAMPLERS",
+    "DEFAULT_SAMPLER",
+    "PARAMS",
     "AdaptiveParams",
     "AdaptiveSampler",
     "AdaptiveStats",
@@ -27,6 +30,7 @@ __all__ = [
     "GenerationStats",
     "GenerationStream",
     "Sampler",
+    "SamplerSpec",
     "SamplingParams",
     "SpeculativeParams",
     "SpeculativeSampler",
@@ -34,4 +38,6 @@ __all__ = [
     "StaticParams",
     "StaticSampler",
     "StaticStats",
+    "make",
+    "parse_specs",
 ]

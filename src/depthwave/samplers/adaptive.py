@@ -38,24 +38,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from depthwave.engine.policy import Chunk, EngineContext, ExitGroup, ExitRule, Policy, Sizing
+from depthwave.engine.policy import Chunk, EngineContext, ExitGroup, ExitRule, PassResult, Policy, Sizing
 from depthwave.engine.request import GenerationStats, Request
 from depthwave.engine.selection import SamplingParams
-from depthwave.errors import is_int, is_number, require
+from depthwave.errors import is_int, is_number, param, require
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
 from depthwave.model.positions import Positions
-from depthwave.samplers.base import Sampler, token_budget
+from depthwave.samplers.ops import token_budget
 from depthwave.samplers.static import StaticPolicy
-
-if TYPE_CHECKING:
-    from depthwave.engine.engine import PassResult
 
 Criterion = Literal["latent-diff", "kl", "minp-kl", "entropy-diff", "argmax-stability", "cosine", "none"]
 AUTO_THRESHOLDS: dict[str, float] = {
@@ -72,25 +69,21 @@ LOGIT_CRITERIA = ("kl", "minp-kl", "entropy-diff", "argmax-stability")
 
 @dataclass(frozen=True)
 class AdaptiveParams:
-    """criterion: see the module docstring. exit_threshold: a number, or "auto" for the reference's value.
-    num_steps: the most recurrences per token (None = the model's mean_recurrence). min_steps: recurrences before
-    the first check. check_every: check every n-th step from there. exit_in_prefill: let the prompt chunk exit
-    early too. continuous_compute: start each token from the previous token's final raw state (as the reference's
-    adaptive sampler does). init_scale: scale of the random initial state (0 = zeros). cache_mode: "shared"
-    (default) or "per-step" (the reference's default lookup, for parity: a token that recurs deeper than earlier
-    positions loses them from attention, which can wreck the output; on the built-in model 1/20 validation problems
-    stay right with latent-diff, against 19/20 with "shared"). trace: record every token's criterion values."""
+    """Adaptive compute: each token recurs until its exit criterion fires. With cache_mode "per-step" (the
+    reference's lookup, for parity) a token that recurs deeper than earlier positions loses them from attention,
+    which can wreck the output: on the built-in model 1/20 validation problems stay right with latent-diff, against
+    19/20 with "shared"."""
 
-    criterion: Criterion = "latent-diff"
-    exit_threshold: float | Literal["auto"] = "auto"
-    num_steps: int | None = None
-    min_steps: int = 0
-    check_every: int = 1
-    exit_in_prefill: bool = True
-    continuous_compute: bool = False
-    init_scale: float = 1.0
-    cache_mode: CacheMode = "shared"
-    trace: bool = False
+    criterion: Criterion = param("latent-diff", "the exit criterion (see depthwave.samplers.adaptive)")
+    exit_threshold: float | Literal["auto"] = param("auto", "the criterion's threshold, or auto (the reference's)")
+    num_steps: int | None = param(None, "the most recurrences per token (default: the model's mean_recurrence)")
+    min_steps: int = param(0, "recurrences before the first check")
+    check_every: int = param(1, "check every n-th recurrence from there")
+    exit_in_prefill: bool = param(True, "let the prompt exit early too")
+    continuous_compute: bool = param(False, "start each token from the previous token's final raw state")
+    init_scale: float = param(1.0, "scale of the random initial state (0: zeros)")
+    cache_mode: CacheMode = param("shared", "KV cache: shared or per-step (the reference's lookup)")
+    trace: bool = param(False, "record every token's criterion values")
 
     name: ClassVar[str] = "adaptive"
 
@@ -298,8 +291,3 @@ class AdaptivePolicy(StaticPolicy):
             exit_threshold=self.params.threshold,  # type: ignore[attr-defined]
             criterion_values=self.trace,
         )
-
-
-class AdaptiveSampler(Sampler):
-    name = "adaptive"
-    params_class = AdaptiveParams

@@ -29,23 +29,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
 
 from depthwave.engine.buffers import RandomStates
-from depthwave.engine.policy import Chunk, EngineContext, Noise, Policy, Sizing
+from depthwave.engine.policy import Chunk, EngineContext, Noise, PassResult, Policy, Sizing
 from depthwave.engine.request import GenerationStats, Request
 from depthwave.engine.selection import SamplingParams
-from depthwave.errors import InvalidParameterError, is_int, is_number, require
+from depthwave.errors import InvalidParameterError, is_int, is_number, param, require
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
-from depthwave.samplers.base import Sampler, cat, last_true, scatter_rows, token_budget
+from depthwave.samplers.ops import cat, last_true, scatter_rows, token_budget
 from depthwave.samplers.quirks import DiffusionQuirks, diffusion_quirks
-
-if TYPE_CHECKING:
-    from depthwave.engine.engine import PassResult
 
 FreezeRule = Literal["latent-diff", "fixed", "token-stability", "latent-acceleration"]
 FREEZE_RULES: tuple[str, ...] = ("latent-diff", "fixed", "token-stability", "latent-acceleration")
@@ -54,42 +51,36 @@ Mode = Literal["default", "reference"]
 
 @dataclass(frozen=True)
 class DiffusionParams:
-    """Hyperparameters of the diffusion forcing sampler (paper defaults).
+    """Hyperparameters of the diffusion forcing sampler (the paper's defaults)."""
 
-    inner_recurrence: r', core recurrences per sampler step. exit_threshold: ε of the latent freeze rules.
-    momentum: η, weight of the previous step's input embeddings. noise: β, amount of fresh random state mixed into
-    the wavefront states before each step (divided by 1 + recurrences so far when `dampened_noise`; `sqrt_noise`
-    mixes variance-preservingly). headway: new positions opened per step. max_wavefront: cap on positions in
-    flight (0 = none). freeze: latent-diff | fixed (headway tokens per step after a warm-up) | token-stability
-    (proposal agreed more than num_steps // r' times) | latent-acceleration (change of the latent change).
-    full_prefill: run the prompt through a normal full-depth pass first. num_steps: the prefill's recurrences
-    (None = the model's mean_recurrence); also sets the warm-up of `fixed` and `token-stability`. init_scale:
-    scale of every random state (initial, new positions, noise). continuous_compute: new positions start from a
-    copy of the newest states instead of a random state. max_sampler_steps: safety cap on steps.
-    max_recurrences: also freeze a token once the state that predicts it has run this many recurrences (None =
-    never; with ε = 0 and max_wavefront = 1 the sampler is then static AR at this depth). cache_mode:
-    "shared" (one slot per layer, the paper's) or "per-step" (the reference's "full": inner recurrence j of every
-    step uses the prompt's recurrence-j K/V). mode: "default" or "reference" (see the module docstring). trace:
-    record per-step positions, proposals, latent changes and recurrence counts in the result."""
-
-    inner_recurrence: int = 4
-    exit_threshold: float = 0.03
-    momentum: float = 0.1
-    noise: float = 0.0
-    dampened_noise: bool = True
-    sqrt_noise: bool = False
-    headway: int = 1
-    max_wavefront: int = 128
-    freeze: FreezeRule = "latent-diff"
-    full_prefill: bool = True
-    num_steps: int | None = None
-    init_scale: float = 1.0
-    continuous_compute: bool = False
-    max_sampler_steps: int = 4096
-    max_recurrences: int | None = None
-    cache_mode: CacheMode = "shared"
-    mode: Mode = "default"
-    trace: bool = False
+    inner_recurrence: int = param(4, "r', core recurrences per sampler step")
+    exit_threshold: float = param(0.03, "ε of the latent freeze rules")
+    momentum: float = param(0.1, "η, weight of the previous step's input embeddings")
+    noise: float = param(0.0, "β, fresh random state mixed into the wavefront states before each step")
+    dampened_noise: bool = param(True, "divide the noise by 1 + the recurrences so far")
+    sqrt_noise: bool = param(False, "mix the noise in variance-preservingly")
+    headway: int = param(1, "new positions opened per step")
+    max_wavefront: int = param(128, "cap on positions in flight (0: none)")
+    freeze: FreezeRule = param(
+        "latent-diff",
+        "latent-diff, fixed (headway tokens a step after a warm-up), token-stability (the proposal agreed more "
+        "than num_steps // r' times) or latent-acceleration (the change of the latent change)",
+    )
+    full_prefill: bool = param(True, "run the prompt through a full-depth pass first")
+    num_steps: int | None = param(
+        None, "the prefill's recurrences (default: the model's mean_recurrence); the warm-up of fixed, token-stability"
+    )
+    init_scale: float = param(1.0, "scale of every random state (initial, new positions, noise)")
+    continuous_compute: bool = param(False, "new positions start from a copy of the newest states")
+    max_sampler_steps: int = param(4096, "safety cap on sampler steps")
+    max_recurrences: int | None = param(
+        None, "also freeze a token once the state predicting it ran this many recurrences (default: never)"
+    )
+    cache_mode: CacheMode = param(
+        "shared", "KV cache: shared (one slot per layer, the paper's) or per-step (the reference's 'full')"
+    )
+    mode: Mode = param("default", "default, or reference (token-identical to the official generate_diffusion_style)")
+    trace: bool = param(False, "record per-step positions, proposals, latent changes and recurrence counts")
 
     name: ClassVar[str] = "diffusion"
 
@@ -700,8 +691,3 @@ def _trace_values(
             out.append(wave_out.new_zeros(0))
         out.append(policy.ctx.buffers.counts[policy.row, w.start : w.start + w.size])
     return out
-
-
-class DiffusionSampler(Sampler):
-    name = "diffusion"
-    params_class = DiffusionParams

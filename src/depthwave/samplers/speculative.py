@@ -26,39 +26,37 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from depthwave.engine.buffers import RandomStates
-from depthwave.engine.policy import Chunk, EngineContext, Policy, Sizing
+from depthwave.engine.policy import Chunk, EngineContext, PassResult, Policy, Sizing
 from depthwave.engine.request import GenerationStats, Request
 from depthwave.engine.selection import SamplingParams, apply_repetition_penalty, filtered_probs
-from depthwave.errors import InvalidParameterError, is_int, is_number, require
+from depthwave.errors import InvalidParameterError, is_int, is_number, param, require
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
-from depthwave.samplers.base import Sampler, token_budget
+from depthwave.samplers.ops import token_budget
 from depthwave.samplers.quirks import speculative_quirks
-
-if TYPE_CHECKING:
-    from depthwave.engine.engine import PassResult
 
 
 @dataclass(frozen=True)
 class SpeculativeParams:
-    """draft_steps: recurrences per draft token. lookahead: drafts per round (K). num_steps: verification depth
-    (None = the model's mean_recurrence). verification_threshold: 1 = exact agreement; below 1, greedy acceptance
-    when q(draft) >= threshold · max q. init_scale: scale of every random initial state (0 = zeros). cache_mode:
-    "per-step" (the reference's) or "shared". mode: "default" or "reference" (see the module docstring)."""
+    """Self-speculative decoding: drafts at `draft_steps` recurrences, verified at full depth."""
 
-    draft_steps: int = 4
-    lookahead: int = 4
-    num_steps: int | None = None
-    verification_threshold: float = 1.0
-    init_scale: float = 1.0
-    cache_mode: CacheMode = "per-step"
-    mode: Literal["default", "reference"] = "default"
+    draft_steps: int = param(4, "recurrences per draft token")
+    lookahead: int = param(4, "drafts per round (K)")
+    num_steps: int | None = param(None, "verification depth (default: the model's mean_recurrence)")
+    verification_threshold: float = param(
+        1.0, "1: exact agreement; below 1, greedy acceptance when q(draft) >= threshold * max q"
+    )
+    init_scale: float = param(1.0, "scale of every random initial state (0: zeros)")
+    cache_mode: CacheMode = param("per-step", "KV cache: per-step (the reference's) or shared")
+    mode: Literal["default", "reference"] = param(
+        "default", "default, or reference (token-identical to the official generate_speculative)"
+    )
 
     name: ClassVar[str] = "speculative"
 
@@ -393,8 +391,3 @@ class SpeculativePolicy(Policy):
             corrections=self.corrections,
             sequential_core_steps=self.core_steps,
         )
-
-
-class SpeculativeSampler(Sampler):
-    name = "speculative"
-    params_class = SpeculativeParams

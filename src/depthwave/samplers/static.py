@@ -3,36 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from torch import Tensor
 
 from depthwave.engine.buffers import RandomStates
-from depthwave.engine.policy import Chunk, EngineContext, Policy, Sizing
+from depthwave.engine.policy import Chunk, EngineContext, PassResult, Policy, Sizing
 from depthwave.engine.request import GenerationStats, Request
 from depthwave.engine.selection import SamplingParams
-from depthwave.errors import is_int, is_number, require
+from depthwave.errors import is_int, is_number, param, require
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
-from depthwave.samplers.base import Sampler, cat, scatter_rows, token_budget
-
-if TYPE_CHECKING:
-    from depthwave.engine.engine import PassResult
+from depthwave.samplers.ops import cat, scatter_rows, token_budget
 
 
 @dataclass(frozen=True)
 class StaticParams:
-    """num_steps: recurrences per token (None = the model's mean_recurrence). init_scale: scale of the random
-    initial state (0 = zeros, deterministic). continuous_compute: start each token's recurrence from the previous
-    token's final latent instead of a fresh initial state; `warm_start` picks which latent: "normed" (ln_f of it,
-    what the reference's generate_minimal passes) or "raw". cache_mode: see `depthwave.model.kv_cache`;
-    "per-step" reproduces the reference's default cache exactly, "shared" uses (P+R+C) slots per position."""
+    """Static-depth decoding: every token runs `num_steps` recurrences."""
 
-    num_steps: int | None = None
-    init_scale: float = 1.0
-    continuous_compute: bool = False
-    warm_start: Literal["normed", "raw"] = "normed"
-    cache_mode: CacheMode = "per-step"
+    num_steps: int | None = param(None, "recurrences per token (default: the model's mean_recurrence)")
+    init_scale: float = param(1.0, "scale of the random initial state (0: zeros, deterministic)")
+    continuous_compute: bool = param(
+        False, "start each token's recurrence from the previous token's final latent, not a fresh state"
+    )
+    warm_start: Literal["normed", "raw"] = param(
+        "normed", "with continuous_compute, the latent: normed (ln_f of it, the reference's generate_minimal) or raw"
+    )
+    cache_mode: CacheMode = param(
+        "per-step", "KV cache: per-step (the reference's default lookup, exact parity) or shared (P+R+C slots)"
+    )
 
     name: ClassVar[str] = "static"
 
@@ -116,8 +115,3 @@ class StaticPolicy(Policy):
     def finalize_stats(self) -> StaticStats:
         generated = len(self.request.output.tokens) if self.request.output else 0
         return StaticStats(core_steps=self.num_steps * generated, num_steps=self.num_steps)
-
-
-class StaticSampler(Sampler):
-    name = "static"
-    params_class = StaticParams

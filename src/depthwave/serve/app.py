@@ -26,8 +26,10 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from depthwave.engine import Engine, EngineConfig, GenerationResult, Request
-from depthwave.engine.output import cut_at_stop_strings
+from depthwave.engine.output import TextStream
 from depthwave.errors import DepthwaveError
+from depthwave.model.kv_cache import CacheMode
+from depthwave.samplers import registry
 from depthwave.serve.async_engine import AsyncEngine, EngineFailure, QueueFull
 from depthwave.serve.metrics import Metrics
 from depthwave.serve.protocol import ApiError, Context, Job, parse_chat, parse_completion
@@ -39,6 +41,8 @@ class ServeSettings:
     served_model_name: str | None = None
     sampler: Any = None
     """Default sampler parameters (default: the diffusion sampler with the paper's settings)."""
+    cache_mode: CacheMode = "shared"
+    """The engine's KV cache: every request's sampler runs on it (a request asking for another is refused)."""
     device: str | None = None
     dtype: str | None = None
     api_key: str | None = None
@@ -57,8 +61,13 @@ class ServeSettings:
         self.engine_config = EngineConfig(
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
-            cache_mode="shared",
+            cache_mode=self.cache_mode,
             admission_delay=self.admission_delay,
+        )
+        self.sampler = registry.make(
+            self.sampler.name if self.sampler is not None else registry.DEFAULT_SAMPLER,
+            base=self.sampler,
+            engine_cache=self.cache_mode,
         )
 
     @property
@@ -81,12 +90,10 @@ class Server:
 
     def load(self) -> None:
         from depthwave.llm import LLM
-        from depthwave.samplers import DiffusionParams
 
         try:
             s = self.settings
             llm = LLM(s.model, device=s.device, dtype=s.dtype, threads=s.threads)
-            sampler = s.sampler or DiffusionParams()
             engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, s.engine_config)
         except Exception as exc:  # reported by /health and every endpoint
             self.failed = f"{type(exc).__name__}: {exc}"
@@ -95,8 +102,8 @@ class Server:
         self.engine = AsyncEngine(engine, self.metrics, s.max_waiting)
         self.context = Context(
             model_name=s.name,
-            default_sampler=sampler,
-            cache_mode="shared",
+            default_sampler=s.sampler,
+            cache_mode=s.cache_mode,
             encode=lambda text: llm.encode(text),
             chat=llm.encode_messages,
         )
@@ -223,40 +230,6 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-class TextStream:
-    """Text deltas of one choice: whole-output decoding (no split characters), held back by the longest stop
-    string so that no stop string's beginning goes out before the output is known not to end there."""
-
-    def __init__(self, server: Server, stops: tuple[str, ...], prefix: str = "") -> None:
-        self.server, self.stops = server, stops
-        self.tokens: list[int] = []
-        self.sent = 0
-        self.prefix = prefix
-        self.hold = max(map(len, stops), default=1) - 1
-
-    def add(self, tokens: list[int]) -> str:
-        self.tokens += tokens
-        text = self.server.decode(self.tokens)
-        if text.endswith("\ufffd"):
-            return self._flush_prefix("")
-        safe = cut_at_stop_strings(text, self.stops)
-        if safe == text and self.hold:
-            safe = text[: max(len(text) - self.hold, 0)]
-        return self._emit(safe)
-
-    def finish(self, final: str) -> str:
-        return self._emit(final)
-
-    def _emit(self, text: str) -> str:
-        delta = text[self.sent :] if len(text) > self.sent else ""
-        self.sent = max(self.sent, len(text))
-        return self._flush_prefix(delta)
-
-    def _flush_prefix(self, delta: str) -> str:
-        out, self.prefix = self.prefix + delta, ""
-        return out
-
-
 async def stream_job(
     server: Server, job: Job, requests: list[Request], outputs: asyncio.Queue, chat: bool, echo_texts: list[str]
 ) -> AsyncIterator[str]:
@@ -275,7 +248,10 @@ async def stream_job(
             choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         return {"id": ident, "object": kind, "created": created, "model": name, "choices": [choice]}
 
-    streams = [TextStream(server, job.sampling.stop, echo_texts[i] if job.echo else "") for i in range(len(requests))]
+    tokenizer = server.llm.tokenizer
+    streams = [
+        TextStream(tokenizer, job.sampling.stop, echo_texts[i] if job.echo else "") for i in range(len(requests))
+    ]
     results: list[GenerationResult | None] = [None] * len(requests)
     finished = 0
     try:

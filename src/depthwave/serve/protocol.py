@@ -9,12 +9,12 @@ in a sampler parameter never passes silently; the sampler's own parameters come 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from depthwave.engine.selection import SamplingParams
 from depthwave.errors import DepthwaveError
-from depthwave.samplers import SAMPLERS
+from depthwave.samplers import registry
 
 
 class ApiError(Exception):
@@ -156,24 +156,17 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
 
 
 def parse_sampler(body: dict, default: Any, cache_mode: str) -> Any:
-    """The sampler's parameter object: the server's default, or `sampler` with its parameters from the body.
-    Keys that are no field of the endpoint nor of the chosen sampler are refused, naming them."""
+    """The sampler's parameter object (through the samplers' registry): the server's default, or `sampler` with
+    its parameters from the body, on the server's KV cache. Keys that are no field of the endpoint nor of the chosen
+    sampler are refused before this, naming them."""
     name = body.get("sampler")
     chosen = default.name if name is None else name
-    if chosen not in SAMPLERS:
-        raise bad("sampler", f"one of {sorted(SAMPLERS)}", name)
-    params_cls = SAMPLERS[chosen][1]
-    known = {f.name for f in fields(params_cls)}
-    given = {k: v for k, v in body.items() if k in known}
-    if name is None or name == default.name:
-        values = {f.name: getattr(default, f.name) for f in fields(params_cls)}
-    else:
-        values = {"cache_mode": cache_mode} if "cache_mode" in known else {}
-    values.update(given)
-    if values.get("cache_mode", cache_mode) != cache_mode:
-        raise bad("cache_mode", f"{cache_mode!r}, the KV cache this server runs", values["cache_mode"])
+    if chosen not in registry.PARAMS:
+        raise bad("sampler", f"one of {sorted(registry.PARAMS)}", name)
+    given = {k: v for k, v in body.items() if k in registry.field_names(chosen)}
+    base = default if chosen == default.name else None
     try:
-        return params_cls(**values)
+        return registry.make(chosen, base=base, engine_cache=cache_mode, **given)
     except DepthwaveError as exc:
         field = next((k for k in given if str(exc).startswith(k)), None)
         raise ApiError(400, str(exc), param=field) from None
@@ -182,8 +175,8 @@ def parse_sampler(body: dict, default: Any, cache_mode: str) -> Any:
 def check_fields(body: dict, allowed: set[str], sampler_fields: set[str]) -> None:
     for key in body:
         if key not in allowed and key not in sampler_fields:
-            every = set().union(*({f.name for f in fields(p)} for _, p in SAMPLERS.values()))
-            hint = " (a parameter of another sampler: choose it with 'sampler')" if key in every else ""
+            other = key in registry.every_field()
+            hint = " (a parameter of another sampler: choose it with 'sampler')" if other else ""
             raise ApiError(400, f"unknown field {key!r}{hint}", param=key)
     for key, neutral in NEUTRAL.items():
         if key in body and body[key] not in (neutral, None):
@@ -252,7 +245,7 @@ def _check_model(body: dict, ctx: Context) -> None:
 
 def _sampler_fields(body: dict, ctx: Context) -> set[str]:
     name = body.get("sampler") or ctx.default_sampler.name
-    return {f.name for f in fields(SAMPLERS[name][1])} if name in SAMPLERS else set()
+    return set(registry.field_names(name)) if name in registry.PARAMS else set()
 
 
 def _streaming(body: dict) -> tuple[bool, bool]:

@@ -1,20 +1,22 @@
-"""What every sampler shares: the B = 1 front end over the engine, streaming, and the small helpers of the
-policies (token budget, initial states, last-true indices)."""
+"""The one-prompt front end over the engine (B = 1): `Sampler(model, tokenizer, stops, params)` generates or
+streams for one prompt at a time with any sampler's parameters. `LLM.generate` and the engine run many requests
+together; this is the simple case, and what the parity tests drive."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import Tensor
-
 from depthwave.engine.engine import Engine, EngineConfig, check_prompt
+from depthwave.engine.policy import SamplerParams, sizing
 from depthwave.engine.request import GenerationResult, Request
 from depthwave.engine.selection import SamplingParams
+from depthwave.samplers.adaptive import AdaptiveParams
+from depthwave.samplers.diffusion import DiffusionParams
+from depthwave.samplers.speculative import SpeculativeParams
+from depthwave.samplers.static import StaticParams
 
 if TYPE_CHECKING:
-    from depthwave.model.config import HuginnConfig
     from depthwave.model.model import RecurrentDepthModel
     from depthwave.model.tokenizer import Tokenizer
 
@@ -31,23 +33,22 @@ class GenerationStream:
 
 
 class Sampler:
-    """A sampler bound to a model, for one prompt at a time: the B = 1 case of the engine. `LLM.generate` and the
-    engine run many requests together; this class is the simple front end (and what parity tests drive)."""
+    """A sampler bound to a model, for one prompt at a time: the B = 1 case of the engine. `params` is any
+    sampler's parameter object (default: `params_class()`, the diffusion sampler's for this base class)."""
 
-    name: ClassVar[str]
-    params_class: ClassVar[type]
+    params_class: ClassVar[type] = DiffusionParams
 
     def __init__(
         self,
         model: RecurrentDepthModel,
         tokenizer: Tokenizer | None = None,
         default_stop_ids: Sequence[int] = (),
-        params: Any = None,
+        params: SamplerParams | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.default_stop_ids = tuple(default_stop_ids)
-        self.params = params if params is not None else self.params_class()
+        self.params: Any = params if params is not None else self.params_class()
 
     def generate(
         self,
@@ -69,13 +70,13 @@ class Sampler:
     def engine_for(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[Engine, Request]:
         """A one-row engine sized for this request (its cache holds exactly what the request may use)."""
         request = Request(check_prompt(prompt_ids, self.model.config), params, self.params)
-        sizing = self.params.policy_class().size(self.params, len(request.prompt_token_ids), params, self.model.config)
+        bounds = sizing(self.params, len(request.prompt_token_ids), params, self.model.config)
         config = EngineConfig(
             max_num_seqs=1,
-            max_model_len=sizing.cache,
+            max_model_len=bounds.cache,
             cache_mode=self.params.cache_mode,
-            max_steps=sizing.max_step,
-            buffer_slack=sizing.buffer - sizing.cache,
+            max_steps=bounds.max_step,
+            buffer_slack=bounds.buffer - bounds.cache,
         )
         engine = Engine(self.model, self.tokenizer, self.default_stop_ids, config)
         engine.add(request)
@@ -90,25 +91,18 @@ class Sampler:
                     return output.result
 
 
-# ---- helpers of the policies ---------------------------------------------------------------------------------
-def token_budget(prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> int:
-    """Tokens to generate at most: max_new_tokens, or fewer where the model's context ends first."""
-    return min(sampling.max_new_tokens, config.block_size - prompt_len)
+# The front ends by sampler: their defaults are that sampler's parameters.
+class StaticSampler(Sampler):
+    params_class = StaticParams
 
 
-def last_true(mask: Tensor) -> Tensor:
-    """Per row of a [B, S] mask: 1 + the largest index where it is true, or 0 where it is nowhere."""
-    ranks = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
-    return (ranks * mask).amax(dim=-1) if mask.shape[-1] else mask.new_zeros(mask.shape[:-1], dtype=torch.long)
+class AdaptiveSampler(Sampler):
+    params_class = AdaptiveParams
 
 
-def scatter_rows(buffer: Tensor, rows: list[int], positions: list[int], values: Tensor) -> None:
-    """buffer[rows[i], positions[i]] = values[i] in one write (tokens, or states of a [rows, positions, D] buffer)."""
-    if rows:
-        device = buffer.device
-        buffer[torch.tensor(rows, device=device), torch.tensor(positions, device=device)] = values
+class SpeculativeSampler(Sampler):
+    params_class = SpeculativeParams
 
 
-def cat(tensors: list[Tensor]) -> Tensor:
-    """One tensor from several (no copy for one)."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+class DiffusionSampler(Sampler):
+    params_class = DiffusionParams

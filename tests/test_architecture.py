@@ -1,0 +1,113 @@
+"""The shape of the code: the import graph has no cycle, and the engine knows the samplers only through the
+contract (`depthwave.engine.policy`), never by importing them."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "depthwave"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """The depthwave modules a file imports when it runs: at module level or inside functions, but not under
+    `if TYPE_CHECKING:` (annotations only)."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("depthwave"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("depthwave"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in SRC.rglob("*.py")}
+    return {name: {m for m in runtime_imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def top_level_graph() -> dict[str, set[str]]:
+    """Only the imports made when a module is imported (module level, not inside functions)."""
+    modules = {module_name(p): p for p in SRC.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        edges: set[str] = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("depthwave"):
+                edges.add(node.module)
+                edges.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name.startswith("depthwave"))
+        graph[name] = {m for m in edges if m in modules and m != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in state and (cycle := visit(nxt)) is not None:
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)) is not None:
+            return cycle
+    return None
+
+
+def test_the_module_level_import_graph_has_no_cycle() -> None:
+    # A package's __init__ re-exporting its own modules is not a cycle of design; edges into a package's own
+    # __init__ from its modules would be.
+    graph = top_level_graph()
+    assert find_cycle(graph) is None, find_cycle(graph)
+
+
+def test_the_engine_imports_nothing_from_the_samplers() -> None:
+    graph = import_graph()
+    engine = {name: deps for name, deps in graph.items() if name.startswith("depthwave.engine")}
+    assert engine
+    offending = {name: sorted(d for d in deps if d.startswith("depthwave.samplers")) for name, deps in engine.items()}
+    assert not any(offending.values()), offending
+
+
+def test_in_a_fresh_interpreter_the_engine_loads_without_the_samplers() -> None:
+    code = (
+        "import sys, depthwave.engine, depthwave.engine.engine, depthwave.engine.policy; "
+        "loaded = [m for m in sys.modules if m.startswith('depthwave.samplers')]; "
+        "assert not loaded, loaded"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
