@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,38 @@ def check_larger_threshold_freezes_further(traces: list[list[dict[str, Any]]]) -
                 assert b["frozen_after"] > a["frozen_after"], (a, b)
                 break
             assert a["proposals"] == b["proposals"] and a["latent_change"] == b["latent_change"]
+
+
+@dataclass
+class CommandResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def depthwave_command(args: list[str]) -> CommandResult:
+    """Run `depthwave ARGS` in this process through the real entry point (`depthwave.cli.main`, with its error
+    contract: a user error is exit status 2 and one line on stderr)."""
+    import contextlib
+    import io
+    import sys
+
+    from depthwave import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["depthwave", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+                code = 0
+            except SystemExit as exc:
+                code = int(exc.code or 0)
+    finally:
+        sys.argv = argv
+    return CommandResult(code, out.getvalue(), err.getvalue())

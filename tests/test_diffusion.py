@@ -15,6 +15,7 @@ from depthwave.model import load_model
 from depthwave.samplers import DiffusionParams, DiffusionSampler
 from tests.conftest import (
     check_larger_threshold_freezes_further,
+    depthwave_command,
     fixture_dir,
     fixture_json,
     micro_config,
@@ -211,9 +212,6 @@ def test_invalid_parameters(kwargs: dict[str, Any], message: str) -> None:
 
 
 def test_cli_diffusion_with_trace(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from typer.testing import CliRunner
-
-    from depthwave.cli import app
 
     folder = fixture_dir("reference-huginn-layout-a")
     png = tmp_path / "trace.png"
@@ -235,16 +233,16 @@ def test_cli_diffusion_with_trace(tmp_path) -> None:  # type: ignore[no-untyped-
         str(png),
         "--json",
     ]
-    result = CliRunner().invoke(app, args)
+    result = depthwave_command(args)
     assert result.exit_code == 0, result.output
     record = json_module.loads(result.stdout)
     assert len(record["token_ids"]) == 20 and record["stats"]["sampler_steps"] > 0
     assert png.stat().st_size > 10_000 and png.with_suffix(".json").is_file()
     again = tmp_path / "again.png"
-    rendered = CliRunner().invoke(app, ["trace", str(png.with_suffix(".json")), "--out", str(again)])
+    rendered = depthwave_command(["trace", str(png.with_suffix(".json")), "--out", str(again)])
     assert rendered.exit_code == 0, rendered.output
     assert again.stat().st_size > 10_000
-    static = CliRunner().invoke(app, [*args[:-3], "--sampler", "static", "--trace-out", str(png)])
+    static = depthwave_command([*args[:-3], "--sampler", "static", "--trace-out", str(png)])
     assert static.exit_code == 2 and "use it with --sampler diffusion" in static.stderr
 
 

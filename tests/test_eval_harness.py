@@ -13,6 +13,7 @@ from depthwave.eval import harness
 from depthwave.eval.harness import BATCHES_FILE, EvalSettings, read_records, run_eval
 from depthwave.samplers.registry import SamplerSpec
 from depthwave.samplers.registry import parse_specs as parse_samplers
+from tests.conftest import depthwave_command
 
 FAST = "static(num_steps=4),quick=diffusion(num_steps=4,inner_recurrence=2)"
 
@@ -113,16 +114,13 @@ def test_ray_with_two_workers_gives_the_single_process_results(tmp_path: Path) -
 
 
 def test_cli_eval_and_sweep_plots(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from depthwave.cli import app
 
     out = tmp_path / "eval"
     args = ["eval", "--tasks", "arithmetic", "--samplers", FAST, "--limit", "2", "--out", str(out), "--threads", "1"]
-    result = CliRunner().invoke(app, args)
+    result = depthwave_command(args)
     assert result.exit_code == 0, result.output
     assert len(read_records(out)) == 4 and (out / "table.md").is_file()
-    bad = CliRunner().invoke(app, ["eval", "--tasks", "nope", "--out", str(tmp_path / "x")])
+    bad = depthwave_command(["eval", "--tasks", "nope", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown task 'nope'" in bad.stderr
 
     sweep_out = tmp_path / "sweep"
@@ -141,7 +139,7 @@ def test_cli_eval_and_sweep_plots(tmp_path: Path) -> None:
         "--threads",
         "1",
     ]
-    result = CliRunner().invoke(app, sweep)
+    result = depthwave_command(sweep)
     assert result.exit_code == 0, result.output
     assert (sweep_out / "pareto-arithmetic.png").stat().st_size > 10_000
     assert (sweep_out / "arithmetic-inner_recurrence.png").stat().st_size > 10_000
@@ -154,7 +152,7 @@ def test_cli_eval_and_sweep_plots(tmp_path: Path) -> None:
         "diffusion inner_recurrence=2",
         "diffusion exit_threshold=0.1",
     }
-    unknown = CliRunner().invoke(app, ["sweep", "--param", "speed=1,2", "--out", str(tmp_path / "y")])
+    unknown = depthwave_command(["sweep", "--param", "speed=1,2", "--out", str(tmp_path / "y")])
     assert unknown.exit_code == 2 and "no parameter(s) ['speed']" in unknown.stderr
 
 

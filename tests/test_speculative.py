@@ -17,6 +17,7 @@ from tests.conftest import (
     REFERENCE_FIXTURES,
     RETROFIT_FIXTURES,
     check_stops_streaming_and_seeds,
+    depthwave_command,
     fixture_dir,
     fixture_json,
     micro_config,
@@ -175,15 +176,11 @@ def test_threshold_with_exact_sampling_is_refused(model) -> None:  # type: ignor
 def test_cli_runs_the_baseline_samplers(flags: list[str], key: str) -> None:
     import json
 
-    from typer.testing import CliRunner
-
-    from depthwave.cli import app
-
     folder = fixture_dir("reference-huginn-layout-a")
     args = ["generate", "--model", str(folder), "--prompt-ids", "496,487,219,228,408", "--max-new-tokens", "12"]
-    result = CliRunner().invoke(app, [*args, *flags, "--num-steps", "8", "--init-scale", "0", "--json"])
+    result = depthwave_command([*args, *flags, "--num-steps", "8", "--init-scale", "0", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert len(record["token_ids"]) == 12 and key in record["stats"]
-    bad = CliRunner().invoke(app, [*args, *flags[:2], "--momentum", "0.2"])
+    bad = depthwave_command([*args, *flags[:2], "--momentum", "0.2"])
     assert bad.exit_code == 2 and "has no parameter(s) ['momentum']" in bad.stderr

@@ -9,11 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from depthwave import LLM, SamplingParams, random_model, save_model
-from depthwave.cli import app
-from tests.conftest import fixture_dir, micro_config
+from tests.conftest import depthwave_command, fixture_dir, micro_config
 
 SPECIALS = ["<|begin_text|>", "<|end_text|>", "<|begin_header|>", "<|end_header|>", "<|end_turn|>", "<|pad|>"]
 TEMPLATE = (
@@ -72,8 +70,7 @@ def test_stop_ids_chat_template_and_prompt_encoding(model_dir: Path) -> None:
 
 def test_cli_json_output(tmp_path: Path) -> None:
     folder = fixture_dir("reference-huginn-layout-a")
-    result = CliRunner().invoke(
-        app,
+    result = depthwave_command(
         [
             "generate",
             "--model",
@@ -100,8 +97,7 @@ def test_cli_json_output(tmp_path: Path) -> None:
 
 
 def test_cli_streams_text(model_dir: Path) -> None:
-    result = CliRunner().invoke(
-        app,
+    result = depthwave_command(
         [
             "generate",
             "--model",

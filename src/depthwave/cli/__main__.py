@@ -1,0 +1,5 @@
+"""`python -m depthwave.cli`, the same as the `depthwave` command."""
+
+from depthwave.cli import main
+
+main()
