@@ -111,3 +111,33 @@ def test_in_a_fresh_interpreter_the_engine_loads_without_the_samplers() -> None:
 def test_the_cycle_finder_finds_cycles() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_quirk_flag_is_read_where_it_acts_and_never_in_the_default_diffusion_policy() -> None:
+    from dataclasses import fields
+
+    from depthwave.samplers.quirks import DiffusionQuirks, SpeculativeQuirks
+
+    sources = {p: p.read_text() for p in (SRC / "samplers").rglob("*.py") if p.name != "quirks.py"}
+    for cls in (DiffusionQuirks, SpeculativeQuirks):
+        for flag in fields(cls):
+            readers = [p.name for p, text in sources.items() if f"quirks.{flag.name}" in text]
+            assert readers, f"{cls.__name__}.{flag.name} is declared but never read"
+    default_path = (SRC / "samplers" / "diffusion" / "policy.py").read_text()
+    assert "quirks" not in default_path.replace("depthwave.samplers.quirks", "")
+
+
+def test_freeze_is_pure() -> None:
+    import dataclasses
+
+    from depthwave.samplers.diffusion import FreezeRules, Measured, Window, freeze
+
+    window = Window(start=10, size=3, frozen=11, length=14)
+    rules = FreezeRules("latent-diff", headway=1, warmup=8, max_recurrences=None)
+    measured = Measured(latent=2, stable=0, capped=0, compared_from=10)
+    first = freeze(window, 4, 1, measured, 3, rules)
+    again = freeze(window, 4, 1, measured, 3, rules)
+    assert first == again and window == Window(10, 3, 11, 14)  # the input is untouched (and frozen)
+    assert first.froze and first.window == Window(11, 3, 12, 14) and first.keep == 11
+    nothing = freeze(window, 4, 1, Measured(0, 0, 0, 10), 3, rules)
+    assert not nothing.froze and nothing.window == dataclasses.replace(window, size=4) and nothing.keep == 10

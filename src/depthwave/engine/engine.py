@@ -84,6 +84,17 @@ class EngineConfig:
 
 
 @dataclass
+class Plan:
+    """What a pass computes, decided before any model work: each request's chunk, the rows' positions, and the
+    requests grouped by sampler policy."""
+
+    requests: list[Request]
+    chunks: list[Chunk]
+    at: Positions
+    groups: list[tuple[type[Policy], list[tuple[Policy, int]]]]
+
+
+@dataclass
 class EngineStats:
     """Totals since the engine started: passes and their wall time, tokens."""
 
@@ -408,17 +419,32 @@ class Engine:
         )
 
     def _pass(self, requests: list[Request], rows: slice, prefill: bool) -> None:
+        """One pass: plan (what each request computes; data only), run (all the model work, one result), update
+        (each sampler decides, with one host synchronisation), then the pass's statistics."""
         started = time.perf_counter()
-        model, buffers, pool = self.model, self.buffers, self.pool
+        plan = self._plan(requests, rows)
+        result = self._run(plan, prefill)
+        self._update(plan, result)
+        self._account(requests, prefill, started)
+
+    def _plan(self, requests: list[Request], rows: slice) -> Plan:
         chunks = [r.policy.chunk() for r in requests]  # type: ignore[union-attr]
-        at = model.positions([c.start for c in chunks], [c.size for c in chunks], rows)
-        self._write_initial_states(requests, chunks)
+        at = self.model.positions([c.start for c in chunks], [c.size for c in chunks], rows)
+        groups: dict[type[Policy], list[tuple[Policy, int]]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            assert request.policy is not None
+            groups[type(request.policy)].append((request.policy, index))
+        return Plan(requests, chunks, at, list(groups.items()))
+
+    def _run(self, plan: Plan, prefill: bool) -> PassResult:
+        """Prelude, the samplers' input mixing, the recurrences, coda, head and token choice, for all rows."""
+        model, buffers, pool, at, chunks = self.model, self.buffers, self.pool, plan.at, plan.chunks
+        self._write_initial_states(plan.requests, chunks)
         ids = buffers.gather(buffers.tokens, at)
         wave_in = buffers.gather(buffers.states, at)
-        embedded = model.prelude(ids, at, pool)
-        if any(c.momentum for c in chunks):
-            embedded = self._momentum(embedded, at, chunks)
-        wave = self._noise(wave_in, requests, chunks) if any(c.noise is not None for c in chunks) else wave_in
+        embedded, wave = model.prelude(ids, at, pool), wave_in
+        for cls, members in plan.groups:
+            embedded, wave = cls.mix_inputs(members, embedded, wave, at)
         wave_out, steps = self._recur(wave, embedded, at, chunks)
         buffers.scatter(buffers.states, at, wave_out)
         self._count(at, chunks, steps)
@@ -426,13 +452,23 @@ class Engine:
         logits, logit_rows = self._logits(coda_out, at, chunks)
         tokens = None
         if logits is not None and any(c.select for c in chunks):
-            tokens = select_tokens(logits, self._choices(requests, chunks, logit_rows))
-        for request, chunk in zip(requests, chunks, strict=True):
+            tokens = select_tokens(logits, self._choices(plan.requests, chunks, logit_rows))
+        for request, chunk in zip(plan.requests, chunks, strict=True):
             pool.set_length(request.row, chunk.start + chunk.size)
-        result = PassResult(
-            requests, at, chunks, wave_in, wave_out, latents, logits, logit_rows, tokens, steps, prefill
+        return PassResult(
+            plan.requests, at, chunks, wave_in, wave_out, latents, logits, logit_rows, tokens, steps, prefill
         )
-        self._decide(requests, result)
+
+    def _update(self, plan: Plan, result: PassResult) -> None:
+        """Each sampler's batched device work, one transfer of what its decisions need, then its decisions."""
+        queued = [(cls, members, cls.prepare(members, result)) for cls, members in plan.groups]
+        values = fetch([t for _, _, tensors in queued for t in tensors])
+        first = 0
+        for cls, members, tensors in queued:
+            cls.decide(members, values[first : first + len(tensors)], result)
+            first += len(tensors)
+
+    def _account(self, requests: list[Request], prefill: bool, started: float) -> None:
         now = time.perf_counter()
         elapsed = now - started
         if prefill:
@@ -454,40 +490,6 @@ class Engine:
         for request, chunk in zip(requests, chunks, strict=True):
             if chunk.init is not None:
                 states[request.row, chunk.start : chunk.start + chunk.size] = chunk.init
-
-    def _momentum(self, embedded: Tensor, at: Positions, chunks: list[Chunk]) -> Tensor:
-        """e ← (1 − η)·e + η·e_previous at positions that had an embedding last step (the diffusion sampler)."""
-        buffers = self.buffers
-        store = buffers.optional("embeddings")
-        previous = buffers.gather(store, at)
-        dtype, device = embedded.dtype, embedded.device
-        keep = torch.tensor([1 - c.momentum for c in chunks], dtype=dtype, device=device)[:, None, None]
-        eta = torch.tensor([c.momentum for c in chunks], dtype=dtype, device=device)[:, None, None]
-        until = torch.tensor([c.embedded_until for c in chunks], device=device)
-        overlap = (at.pos < until[:, None]).to(dtype)[:, :, None]
-        mixed = embedded * keep + (eta * previous) * overlap
-        buffers.scatter(store, at, mixed)
-        return mixed
-
-    def _noise(self, wave: Tensor, requests: list[Request], chunks: list[Chunk]) -> Tensor:
-        """State noise β (the diffusion sampler), per row with its own draws: mixed in by β/(1 + recurrences so
-        far) when dampened, variance-preservingly when `sqrt`."""
-        wave = wave.clone()
-        for b, (request, chunk) in enumerate(zip(requests, chunks, strict=True)):
-            noise = chunk.noise
-            if noise is None:
-                continue
-            row = wave[b, : chunk.size]
-            recurrences = self.buffers.counts[request.row, chunk.start : chunk.start + chunk.size]
-            amount = torch.full_like(recurrences, noise.amount, dtype=torch.float32)
-            if noise.dampened:
-                amount = amount / (1 + recurrences)
-            amount = amount.to(wave.dtype)[:, None]
-            if noise.sqrt:
-                wave[b, : chunk.size] = row * (1 - amount).clamp_min(0).sqrt() + amount.sqrt() * noise.states
-            else:
-                wave[b, : chunk.size] = row * (1 - amount) + amount * noise.states
-        return wave
 
     def _recur(self, wave: Tensor, embedded: Tensor, at: Positions, chunks: list[Chunk]) -> tuple[Tensor, list[int]]:
         """Each row's recurrences; a row leaves the batch after its depth or when its exit rule fires."""
@@ -600,15 +602,3 @@ class Engine:
             lengths = [chunk.context] * chunk.logits_rows if isinstance(chunk.context, int) else chunk.context
             choices.append(Choice(span, request.sampling, request.generator, tokens[request.row], lengths))
         return choices
-
-    def _decide(self, requests: list[Request], result: PassResult) -> None:
-        groups: dict[type[Policy], list[tuple[Policy, int]]] = defaultdict(list)
-        for index, request in enumerate(requests):
-            assert request.policy is not None
-            groups[type(request.policy)].append((request.policy, index))
-        queued = [(cls, members, cls.prepare(members, result)) for cls, members in groups.items()]
-        values = fetch([t for _, _, tensors in queued for t in tensors])
-        first = 0
-        for cls, members, tensors in queued:
-            cls.decide(members, values[first : first + len(tensors)], result)
-            first += len(tensors)

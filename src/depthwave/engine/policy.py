@@ -44,17 +44,6 @@ def sizing(params: SamplerParams, prompt_len: int, sampling: SamplingParams, con
     return params.policy_class().size(params, prompt_len, sampling, config)
 
 
-@dataclass(frozen=True)
-class Noise:
-    """β of the diffusion sampler: mix `states` ([size, D]) into the chunk's initial states, by β/(1 + recurrences
-    so far) when `dampened`, variance-preservingly when `sqrt`."""
-
-    amount: float
-    dampened: bool
-    sqrt: bool
-    states: Tensor
-
-
 @dataclass
 class Chunk:
     """What a request computes in one pass: positions start..start+size-1 (the cache holds every position < start),
@@ -73,10 +62,6 @@ class Chunk:
     """The engine chooses tokens for the logits rows with the request's SamplingParams."""
     context: Sequence[int] | int = 0
     """Repetition-penalty context length for each logits row (an int: the same for all)."""
-    momentum: float = 0.0
-    embedded_until: int = 0
-    """Positions < this hold the previous step's embeddings (momentum mixes them in)."""
-    noise: Noise | None = None
     exit: ExitRule | None = None
     hide_below: int | None = None
     """Per-step cache: from this recurrence on, cached positions that ran fewer recurrences are hidden."""
@@ -198,6 +183,15 @@ class Policy(ABC):
     @abstractmethod
     def chunk(self) -> Chunk:
         """What the request computes in the coming pass."""
+
+    @classmethod
+    def mix_inputs(
+        cls, members: list[tuple[Policy, int]], embedded: Tensor, states: Tensor, at: Positions
+    ) -> tuple[Tensor, Tensor]:
+        """Between the prelude and the recurrences: this class's rows' injected embeddings [B, S, D] and initial
+        states [B, S, D] of the pass (rows of other samplers pass through). By default unchanged; the diffusion
+        sampler mixes in its momentum and noise here."""
+        return embedded, states
 
     @classmethod
     def prepare(cls, members: list[tuple[Policy, int]], result: PassResult) -> list[Tensor]:
