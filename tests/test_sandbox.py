@@ -19,7 +19,9 @@ from depthwave.errors import InvalidParameterError
 from depthwave.eval.sandbox import SandboxLimits, SandboxResult, isolation_layers, run_program, run_tests
 
 LAYERS = isolation_layers()
-FAST = SandboxLimits(timeout_s=5.0, memory_mb=512)
+# Generous: a program here ends by passing, failing or hitting the limit under test long before this, on any
+# machine; the tests that want a timeout set a short one themselves. No test depends on the machine's speed.
+FAST = SandboxLimits(timeout_s=120.0, memory_mb=512)
 
 
 def run(source: str, **limits: object) -> SandboxResult:
@@ -180,7 +182,8 @@ def test_infinite_program_times_out(program: str) -> None:
     elapsed = time.monotonic() - started
     assert (result.status, result.reason) == ("timeout", "timed out after 1 s")
     assert result.returncode == -signal.SIGKILL
-    assert elapsed < 3.0
+    # Killed at its timeout: left alone it would run 60 s or forever (a wide margin, for a busy machine).
+    assert elapsed < 30.0
     assert group_members(first_line_pid(result)) == []
 
 
@@ -188,7 +191,7 @@ def test_cpu_time_limit_is_a_timeout() -> None:
     # The harness's wall clock normally fires first; the kernel's CPU limit (here lowered by the program itself)
     # is the backstop that holds even if the harness were stuck.
     program = "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 2))\nwhile True:\n    pass"
-    result = run(program, timeout_s=5.0)
+    result = run(program)
     assert (result.status, result.reason) == ("timeout", "CPU time limit exceeded")
     assert result.returncode == -signal.SIGXCPU
 
@@ -218,7 +221,7 @@ except OSError as exc:
     print("refused after", forks, flush=True)
     raise
 """
-    result = run(program, max_processes=3, timeout_s=5.0)
+    result = run(program, max_processes=3)
     assert (result.status, result.reason) == ("fail", "BlockingIOError"), result
     if "uid" in LAYERS:
         assert "refused after 3" in result.stdout
@@ -342,10 +345,9 @@ def test_huge_output_is_truncated() -> None:
 
 
 def test_endless_output_hits_the_file_size_limit() -> None:
-    started = time.monotonic()
-    result = run("while True:\n    print('y' * 1000)", max_file_mb=1, timeout_s=5.0)
+    result = run("while True:\n    print('y' * 1000)", max_file_mb=1)
+    # The size limit ends it: only a broken limit would let it run into the (generous) timeout.
     assert (result.status, result.reason) == ("crash", "output limit exceeded (1 MB)"), result
-    assert time.monotonic() - started < 4.0
     assert len(result.stdout) < 70_000
 
 

@@ -569,12 +569,133 @@ def _initial_model(config: TrainConfig, device: torch.device) -> tuple[Tokenizer
 
 def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None] = print) -> TrainSummary:
     """Run (or continue, with `resume`) the training described by `config`; see the module docstring."""
-    out_dir = Path(config.out_dir)
     try:
         device = resolve_device(None if config.device == "auto" else config.device)
     except InvalidParameterError as exc:
         raise TrainingError(str(exc)) from None
     apply_threads(config.n_embd, device, config.threads or None)
+    run = _Run(config, device, resume, write)
+    try:
+        for step in range(run.summary.start_step, run.end):
+            run.step(step)
+    finally:
+        run.log_file.close()
+    return run.finish()
+
+
+class _Run:
+    """A training run's state between steps: the model, its optimizer, the log, what it has done."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, resume: bool, write: Callable[[str], None]):
+        self.config, self.device, self.write = config, device, write
+        self.out_dir = Path(config.out_dir)
+        self.tokenizer, self.model, self.optimizer, start = _restore(config, device, resume)
+        self.precision = resolve_precision(config.precision, device)
+        make_output_folder(self.out_dir, "the training folder")
+        self.log_file = (self.out_dir / "log.jsonl").open("a", encoding="utf-8")
+        self.pad_id = special_token_ids(self.tokenizer)[PAD]
+        self.validation = (
+            make_split("validation", config.eval_problems, config.data_seed, config.distribution)
+            if config.eval_every
+            else []
+        )
+        self.end = config.stop_at or config.steps
+        self.summary = TrainSummary(start_step=start, end_step=start)
+        self._announce(start)
+        self.progress = _Progress(self.end, start, write)
+        self.last_log = time.perf_counter()
+
+    def _announce(self, start: int) -> None:
+        parameters = sum(p.numel() for p in self.model.parameters())
+        self.write(
+            f"training {parameters / 1e6:.2f}M parameters on {self.device} ({torch.get_num_threads()} threads, "
+            f"{self.precision}), steps {start}..{self.end} of {self.config.steps}"
+        )
+        self.log(
+            {
+                "event": "start",
+                "step": start,
+                "config": asdict(self.config),
+                "parameters": parameters,
+                "device": str(self.device),
+                "threads": torch.get_num_threads(),
+                "precision": self.precision,
+            }
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+
+    def step(self, step: int) -> None:
+        """One optimizer step, then what is due after it: a log line, a validation, a snapshot, a checkpoint."""
+        config = self.config
+        lr = learning_rate(config, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        examples = [
+            encode_problem(self.tokenizer, p)
+            for p in train_batch(config.data_seed, step, config.batch_size, config.distribution)
+        ]
+        batches = [
+            tuple(t.to(self.device) for t in collate(bucket, self.pad_id))
+            for bucket in length_buckets(examples, config.length_buckets)
+        ]
+        # Drawn on the CPU so that a run samples the same depths on any device.
+        depth_generator = _step_generator(config.seed, step, 1, torch.device("cpu"))
+        depths = sample_recurrence(config.mean_recurrence, config.mean_backprop_depth, depth_generator)
+        generator = _step_generator(config.seed, step, 2, self.device)
+        loss = accumulate_gradients(self.model, batches, *depths, generator, self.precision == "bf16")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.summary.losses.append(loss)
+        self.summary.end_step = done = step + 1
+        if done % config.log_every == 0 or done == self.end:
+            self._log_step(step, lr, float(grad_norm), depths)
+        if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+            self._validate(done)
+        if config.snapshot_every and done % config.snapshot_every == 0:
+            export_model(self.out_dir / SNAPSHOT_DIR / f"step-{done}", self.model, self.tokenizer)
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == self.end:
+            save_checkpoint(self.out_dir / CHECKPOINT_DIR, self.model, self.tokenizer, self.optimizer, config, done)
+
+    def _log_step(self, step: int, lr: float, grad_norm: float, depths: tuple[int, int]) -> None:
+        now, loss = time.perf_counter(), self.summary.losses[-1]
+        record = {"event": "train", "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        self.log({**record, "recurrence": list(depths), "seconds": now - self.last_log})
+        self.last_log = now
+        no_grad, grad = depths
+        self.progress.report(step, f"loss {loss:.3f} lr {lr:.1e} r {no_grad + grad:>3} ({no_grad}+{grad})")
+
+    def _validate(self, done: int) -> None:
+        began = time.perf_counter()
+        accuracy = greedy_accuracy(self.model, self.tokenizer, self.validation, seed=self.config.seed)
+        seconds = time.perf_counter() - began
+        depth = self.model.config.mean_recurrence
+        self.summary.val_accuracy = accuracy
+        record = {"event": "validation", "step": done, "accuracy": accuracy, "problems": len(self.validation)}
+        self.log({**record, "num_steps": depth, "seconds": seconds})
+        self.write(
+            f"validation at step {done}: {accuracy:.1%} of {len(self.validation)} problems greedy at r={depth} "
+            f"({seconds:.0f} s)"
+        )
+
+    def finish(self) -> TrainSummary:
+        summary = self.summary
+        if summary.end_step == self.config.steps:
+            summary.model_dir = export_model(self.out_dir / EXPORT_DIR, self.model, self.tokenizer)
+            self.write(f"done: model written to {summary.model_dir}")
+        else:
+            self.write(f"stopped at step {summary.end_step}; continue with --resume")
+        return summary
+
+
+def _restore(
+    config: TrainConfig, device: torch.device, resume: bool
+) -> tuple[Tokenizer, RecurrentDepthModel, torch.optim.AdamW, int]:
+    """(tokenizer, model, optimizer, first step): from the run's checkpoint with `resume`, else a new start."""
+    out_dir = Path(config.out_dir)
     checkpoint = find_checkpoint(out_dir)
     if checkpoint is not None and not resume:
         raise TrainingError(
@@ -583,132 +704,16 @@ def train(config: TrainConfig, resume: bool = False, write: Callable[[str], None
         )
     if resume and checkpoint is None:
         raise TrainingError(f"nothing to resume: no checkpoint in {out_dir}")
-
-    if checkpoint is not None:
-        state = torch.load(checkpoint / TRAINING_STATE, map_location=device, weights_only=True)
-        _check_resumable(state["config"], config)
-        tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-        model = load_model(checkpoint, device, torch.float32).train().requires_grad_(True)
-        optimizer = make_optimizer(model, config)
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-    else:
+    if checkpoint is None:
         tokenizer, model = _initial_model(config, device)
-        optimizer = make_optimizer(model, config)
-        start = 0
-
-    precision = resolve_precision(config.precision, device)
-    bf16 = precision == "bf16"
-    make_output_folder(out_dir, "the training folder")
-    log_file = (out_dir / "log.jsonl").open("a", encoding="utf-8")
-
-    def log(record: dict[str, Any]) -> None:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-
-    pad_id = special_token_ids(tokenizer)[PAD]
-    validation = (
-        make_split("validation", config.eval_problems, config.data_seed, config.distribution)
-        if config.eval_every
-        else []
-    )
-    end = config.stop_at or config.steps
-    summary = TrainSummary(start_step=start, end_step=start)
-    parameters = sum(p.numel() for p in model.parameters())
-    write(
-        f"training {parameters / 1e6:.2f}M parameters on {device} ({torch.get_num_threads()} threads, {precision}), "
-        f"steps {start}..{end} of {config.steps}"
-    )
-    log(
-        {
-            "event": "start",
-            "step": start,
-            "config": asdict(config),
-            "parameters": parameters,
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "precision": precision,
-        }
-    )
-    progress = _Progress(end, start, write)
-    last_log = time.perf_counter()
-    try:
-        for step in range(start, end):
-            lr = learning_rate(config, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            examples = [
-                encode_problem(tokenizer, p)
-                for p in train_batch(config.data_seed, step, config.batch_size, config.distribution)
-            ]
-            batches = [
-                tuple(t.to(device) for t in collate(bucket, pad_id))
-                for bucket in length_buckets(examples, config.length_buckets)
-            ]
-            # Drawn on the CPU so that a run samples the same depths on any device.
-            depth_generator = _step_generator(config.seed, step, 1, torch.device("cpu"))
-            no_grad_steps, grad_steps = sample_recurrence(
-                config.mean_recurrence, config.mean_backprop_depth, depth_generator
-            )
-            loss = accumulate_gradients(
-                model, batches, no_grad_steps, grad_steps, _step_generator(config.seed, step, 2, device), bf16
-            )
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            summary.losses.append(loss)
-            summary.end_step = step + 1
-
-            if (step + 1) % config.log_every == 0 or step + 1 == end:
-                now = time.perf_counter()
-                log(
-                    {
-                        "event": "train",
-                        "step": step + 1,
-                        "loss": summary.losses[-1],
-                        "lr": lr,
-                        "grad_norm": float(grad_norm),
-                        "recurrence": [no_grad_steps, grad_steps],
-                        "seconds": now - last_log,
-                    }
-                )
-                last_log = now
-                progress.report(
-                    step,
-                    f"loss {summary.losses[-1]:.3f} lr {lr:.1e} "
-                    f"r {no_grad_steps + grad_steps:>3} ({no_grad_steps}+{grad_steps})",
-                )
-            if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
-                began = time.perf_counter()
-                summary.val_accuracy = greedy_accuracy(model, tokenizer, validation, seed=config.seed)
-                seconds = time.perf_counter() - began
-                log(
-                    {
-                        "event": "validation",
-                        "step": step + 1,
-                        "accuracy": summary.val_accuracy,
-                        "problems": len(validation),
-                        "num_steps": model.config.mean_recurrence,
-                        "seconds": seconds,
-                    }
-                )
-                write(
-                    f"validation at step {step + 1}: {summary.val_accuracy:.1%} of {len(validation)} problems "
-                    f"greedy at r={model.config.mean_recurrence} ({seconds:.0f} s)"
-                )
-            if config.snapshot_every and (step + 1) % config.snapshot_every == 0:
-                export_model(out_dir / SNAPSHOT_DIR / f"step-{step + 1}", model, tokenizer)
-            if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == end:
-                save_checkpoint(out_dir / CHECKPOINT_DIR, model, tokenizer, optimizer, config, step + 1)
-    finally:
-        log_file.close()
-
-    if summary.end_step == config.steps:
-        summary.model_dir = export_model(out_dir / EXPORT_DIR, model, tokenizer)
-        write(f"done: model written to {summary.model_dir}")
-    else:
-        write(f"stopped at step {summary.end_step}; continue with --resume")
-    return summary
+        return tokenizer, model, make_optimizer(model, config), 0
+    state = torch.load(checkpoint / TRAINING_STATE, map_location=device, weights_only=True)
+    _check_resumable(state["config"], config)
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    model = load_model(checkpoint, device, torch.float32).train().requires_grad_(True)
+    optimizer = make_optimizer(model, config)
+    optimizer.load_state_dict(state["optimizer"])
+    return tokenizer, model, optimizer, int(state["step"])
 
 
 # ---- command line -----------------------------------------------------------------------------------------------

@@ -230,6 +230,24 @@ def _execute(
             _give_back_uid(uid)
 
 
+def _environment(work: Path, tmp: Path) -> dict[str, str]:
+    """The program's whole environment, built from scratch."""
+    return {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(work),
+        "TMPDIR": str(tmp),
+        "LANG": "C.UTF-8",
+        "USER": "sandbox",
+        "LOGNAME": "sandbox",
+        "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        # BLAS libraries start a thread per core on import, which the process limit refuses.
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
 def _execute_in(
     root: Path,
     uid: int | None,
@@ -268,20 +286,7 @@ def _execute_in(
         "max_processes": limits.max_processes,
         "deny_read": _secret_paths(),
     }
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(work),
-        "TMPDIR": str(tmp),
-        "LANG": "C.UTF-8",
-        "USER": "sandbox",
-        "LOGNAME": "sandbox",
-        "PYTHONHASHSEED": "0",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        # BLAS libraries start a thread per core on import, which the process limit refuses.
-        "OPENBLAS_NUM_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
+    env = _environment(work, tmp)
     # -s: no user site; -B: no bytecode files; -P: the working directory is not on sys.path. -E/-I are not used
     # because the environment is already built from scratch and PYTHONHASHSEED=0 must reach the interpreter.
     flags = ["-s", "-B"] + (["-P"] if sys.version_info >= (3, 11) else [])

@@ -42,7 +42,7 @@ def prepare(cfg):
     import signal
     import subprocess
 
-    work, tmp, program, uid, gid = cfg["work"], cfg["tmp"], cfg["program"], cfg["uid"], cfg["gid"]
+    work, program, uid, gid = cfg["work"], cfg["program"], cfg["uid"], cfg["gid"]
     with open(program, "rb") as f:
         source = f.read().decode("utf-8", "surrogatepass")
     if sys.path and sys.path[0] in ("", os.getcwd()):  # Python 3.10 has no -P
@@ -69,34 +69,13 @@ def prepare(cfg):
     if uid is not None or hidden:
         keep_imports_reachable(hidden)
     if cfg["private_mounts"]:
-        ms_nosuid, ms_nodev, ms_noexec, ms_rec, ms_private = 2, 4, 8, 16384, 1 << 18
-        sealed = ms_nosuid | ms_nodev | ms_noexec
-        check(libc.mount(None, b"/", None, ms_rec | ms_private, None), "make mounts private")
-        for shared in cfg["shared_tmp"]:
-            check(libc.mount(b"tmpfs", shared.encode(), b"tmpfs", sealed, b"size=1m,mode=0755"), "mount " + shared)
-        os.makedirs(work, exist_ok=True)
-        options = f"size={cfg['work_mb']:d}m,mode=0700,uid={uid:d},gid={gid:d}"
-        check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", sealed, options.encode()), "mount " + work)
-        os.chdir(work)
-        with open(program, "w", encoding="utf-8", errors="surrogatepass") as f:
-            f.write(source)
-        os.chmod(program, 0o644)
-        os.mkdir(tmp, 0o700)
-        os.chown(tmp, uid, gid)
+        mount_private(libc, check, cfg, source)
 
     for name, soft, hard in cfg["rlimits"]:
         resource.setrlimit(getattr(resource, name), (soft, hard))
     check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     if uid is not None:
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-        try:
-            os.setuid(0)
-        except PermissionError:
-            pass
-        else:
-            raise RuntimeError("privileges could not be dropped")
+        drop_privileges(uid, gid)
     # Credentials changes clear the parent-death signal, so it is armed after the drop.
     check(libc.prctl(1, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != cfg["parent_pid"]:
@@ -120,6 +99,39 @@ def prepare(cfg):
 
     sys.addaudithook(make_guard(work, import_roots, cfg["deny_read"], cfg["max_processes"]))
     return source
+
+
+def mount_private(libc, check, cfg, source):
+    """Private mounts: the shared temporary folders empty, the working folder a size-limited tmpfs of the sandbox
+    uid's, holding the program again."""
+    work, tmp, program, uid, gid = cfg["work"], cfg["tmp"], cfg["program"], cfg["uid"], cfg["gid"]
+    ms_nosuid, ms_nodev, ms_noexec, ms_rec, ms_private = 2, 4, 8, 16384, 1 << 18
+    sealed = ms_nosuid | ms_nodev | ms_noexec
+    check(libc.mount(None, b"/", None, ms_rec | ms_private, None), "make mounts private")
+    for shared in cfg["shared_tmp"]:
+        check(libc.mount(b"tmpfs", shared.encode(), b"tmpfs", sealed, b"size=1m,mode=0755"), "mount " + shared)
+    os.makedirs(work, exist_ok=True)
+    options = f"size={cfg['work_mb']:d}m,mode=0700,uid={uid:d},gid={gid:d}"
+    check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", sealed, options.encode()), "mount " + work)
+    os.chdir(work)
+    with open(program, "w", encoding="utf-8", errors="surrogatepass") as f:
+        f.write(source)
+    os.chmod(program, 0o644)
+    os.mkdir(tmp, 0o700)
+    os.chown(tmp, uid, gid)
+
+
+def drop_privileges(uid, gid):
+    """Become the sandbox uid for good: no groups, and no way back to root."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:
+        raise RuntimeError("privileges could not be dropped")
 
 
 def reachable_by_others(path):
