@@ -35,6 +35,24 @@ def reference(request: pytest.FixtureRequest) -> Path:
     return fixture_dir(request.param)
 
 
+@pytest.fixture(scope="session")
+def builtin_llm() -> Any:
+    """The built-in model, loaded once for the whole run (fp32 on the CPU). Tests must not change it."""
+    from depthwave.llm import LLM
+
+    return LLM("builtin", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def model(request: pytest.FixtureRequest) -> Any:
+    """A random micro model for a test module: `micro_config` with the module's `MICRO_MODEL_CONFIG` overrides
+    (default: mean_recurrence 8), weights from its `MICRO_MODEL_SEED` (default 0)."""
+    from depthwave.model.model import random_model
+
+    overrides = getattr(request.module, "MICRO_MODEL_CONFIG", {"mean_recurrence": 8})
+    return random_model(micro_config(**overrides), seed=getattr(request.module, "MICRO_MODEL_SEED", 0))
+
+
 def micro_config(**overrides: Any) -> HuginnConfig:
     """A 2/4/2 model small enough for fast tests."""
     values: dict[str, Any] = dict(

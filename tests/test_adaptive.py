@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from depthwave import InvalidParameterError, SamplingParams, StaticParams, StaticSampler, random_model
+from depthwave import InvalidParameterError, SamplingParams, StaticParams, StaticSampler
 from depthwave.model import load_model
 from depthwave.samplers import AdaptiveParams, AdaptiveSampler
 from depthwave.samplers.adaptive import AUTO_THRESHOLDS
@@ -18,7 +18,6 @@ from tests.conftest import (
     check_stops_streaming_and_seeds,
     fixture_dir,
     fixture_json,
-    micro_config,
 )
 
 PROMPT = [3, 141, 59, 26, 5]
@@ -47,6 +46,7 @@ def _params_for(case: dict[str, Any]) -> AdaptiveParams:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", REFERENCE_FIXTURES)
 def test_matches_every_recorded_case(name: str) -> None:
     model = load_model(fixture_dir(name), dtype=torch.float32)
@@ -81,9 +81,7 @@ def test_matches_every_recorded_case(name: str) -> None:
             assert ours_row == pytest.approx(theirs_row, rel=1e-3, abs=1e-5, nan_ok=True), case["id"]
 
 
-@pytest.fixture(scope="module")
-def model():  # type: ignore[no-untyped-def]
-    return random_model(micro_config(mean_recurrence=8), seed=4)
+MICRO_MODEL_SEED = 4  # the `model` fixture of conftest
 
 
 def test_an_early_exit_skips_the_remaining_recurrences(model, monkeypatch) -> None:  # type: ignore[no-untyped-def]

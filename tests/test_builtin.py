@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import torch
+import pytest
 
 from depthwave import LLM, SamplingParams
 from depthwave.data.arithmetic import extract_answer, make_split, make_unseen
@@ -27,9 +27,9 @@ def test_shipped_unseen_set_is_the_generated_set() -> None:
     assert records == [{**p.to_record(), "kind": p.template} for p in make_unseen(500, seed=0)]
 
 
-def test_builtin_model_loads_like_huginn_and_solves_problems() -> None:
-    torch.set_num_threads(1)
-    llm = LLM("builtin", device="cpu")
+@pytest.mark.slow
+def test_builtin_model_loads_like_huginn_and_solves_problems(builtin_llm: LLM) -> None:
+    llm = builtin_llm
     config = llm.model.config
     assert (config.n_layers_in_prelude, config.n_layers_in_recurrent_block, config.n_layers_in_coda) == (2, 4, 2)
     assert llm.tokenizer is not None and llm.tokenizer.chat_template

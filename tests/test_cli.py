@@ -104,7 +104,17 @@ def _text(cls: type, name: str) -> str:
 def test_sampler_flags_reach_the_sampler_and_wrong_ones_are_refused(tmp_path: Path) -> None:
     base = [sys.executable, "-m", "depthwave.cli", "generate", "--prompt-ids", "1,2", "--max-new-tokens", "2"]
     done = subprocess.run(
-        [*base, "--sampler", "diffusion", "--inner-recurrence", "2", "--no-full-prefill", "--json"],
+        [
+            *base,
+            "--sampler",
+            "diffusion",
+            "--inner-recurrence",
+            "2",
+            "--max-recurrences",
+            "4",
+            "--no-full-prefill",
+            "--json",
+        ],
         capture_output=True,
         text=True,
     )

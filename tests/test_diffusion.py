@@ -84,6 +84,7 @@ def _run_reference_cases(name: str, select: Any = lambda case: True) -> int:
     return checked
 
 
+@pytest.mark.slow
 def test_reference_mode_matches_every_case_on_the_released_layout() -> None:
     assert _run_reference_cases("reference-huginn-layout-a") == 69
 
@@ -99,9 +100,7 @@ def test_reference_mode_on_another_layout_with_the_per_step_cache() -> None:
 PROMPT = [3, 141, 59, 26, 5, 35, 89]
 
 
-@pytest.fixture(scope="module")
-def model():  # type: ignore[no-untyped-def]
-    return random_model(micro_config(mean_recurrence=8), seed=11)
+MICRO_MODEL_SEED = 11  # the `model` fixture of conftest
 
 
 def test_one_position_wavefront_without_convergence_is_static_decoding(model) -> None:  # type: ignore[no-untyped-def]

@@ -46,8 +46,8 @@ NEAR_TIES: set[tuple[str, float, int]] = set()
 
 
 @pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM("builtin", device="cpu", dtype="float32")
+def llm(builtin_llm: LLM) -> LLM:
+    return builtin_llm
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,7 @@ def _alone_and_together(llm: LLM, prompts: list[list[int]], sampler: Any, temper
     return alone, together
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_batch_invariance(llm: LLM, prompts: list[list[int]], name: str, temperature: float) -> None:
@@ -102,6 +103,7 @@ def test_mixed_samplers_share_steps(llm: LLM, prompts: list[list[int]]) -> None:
         assert llm.generate(prompt, param, sampler=sampler)[0].token_ids == result.token_ids
 
 
+@pytest.mark.slow
 def test_continuous_batching_and_abort(llm: LLM, prompts: list[list[int]]) -> None:
     """Requests arrive while others are mid-generation and get the tokens they get alone; an aborted request
     leaves at once, keeps what it had, and its row goes to the next waiting request."""

@@ -33,11 +33,9 @@ def tokenizer() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def outputs() -> list[list[int]]:
+def outputs(builtin_llm: Any) -> list[list[int]]:
     """Real outputs of the built-in model: greedy and sampled (hot samples hold stray byte tokens)."""
-    from depthwave.llm import LLM
-
-    llm = LLM("builtin", device="cpu", dtype="float32")
+    llm = builtin_llm
     prompts = [q for q in QUESTIONS for _ in range(3)]
     params = [
         SamplingParams(temperature=(0.0, 1.0, 2.0)[i % 3], max_new_tokens=96, seed=i, ignore_eos=True)

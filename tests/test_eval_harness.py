@@ -97,6 +97,7 @@ def test_an_interrupted_run_resumes_without_recomputing(tmp_path: Path, monkeypa
     assert len(run_eval(_settings(batch_size=3), tmp_path)["rows"]) == 2
 
 
+@pytest.mark.slow
 def test_ray_with_two_workers_gives_the_single_process_results(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     settings = _settings(limit=4)

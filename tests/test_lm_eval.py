@@ -24,7 +24,10 @@ from depthwave.eval.lm_harness import DepthwaveLM, write_tasks  # noqa: E402
 from depthwave.samplers.diffusion import DiffusionParams  # noqa: E402
 from depthwave.samplers.registry import parse_specs  # noqa: E402
 from depthwave.serve.app import ServeSettings  # noqa: E402
-from tests.test_serve import running  # noqa: E402
+from tests.helpers import running  # noqa: E402
+
+# Minutes of subprocesses and servers: outside the fast subset (`pytest -m "not slow"`).
+pytestmark = pytest.mark.slow
 
 LIMIT = 16
 

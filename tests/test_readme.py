@@ -30,6 +30,9 @@ from pathlib import Path
 
 import pytest
 
+# Minutes of subprocesses and servers: outside the fast subset (`pytest -m "not slow"`).
+pytestmark = pytest.mark.slow
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 SKIP = re.compile(r"<!--\s*not run in tests:\s*(.+?)\s*-->", re.DOTALL)
 FENCE = re.compile(r"^```(\w*)\s*$")

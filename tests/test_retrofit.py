@@ -390,7 +390,7 @@ def test_served_to_the_openai_client_with_every_sampler(tmp_path: Path) -> None:
     openai = pytest.importorskip("openai")
     pytest.importorskip("uvicorn")
     from depthwave.serve.app import ServeSettings
-    from tests.test_serve import running
+    from tests.helpers import running
 
     folder = make_retrofit_folder(fixture_dir("retrofit-olmo-a"), tmp_path / "model", vocab_size=512)
     llm = LLM(folder, device="cpu", dtype="float32")

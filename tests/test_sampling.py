@@ -101,10 +101,8 @@ def test_seeded_draws_repeat_and_follow_the_distribution() -> None:
 
 
 @pytest.mark.parametrize("name", ["static", "adaptive", "speculative", "diffusion"])
-def test_stop_strings_end_generation_and_cut_the_text(name: str) -> None:
-    from depthwave.llm import LLM
-
-    llm = LLM("builtin", device="cpu")
+def test_stop_strings_end_generation_and_cut_the_text(name: str, builtin_llm: Any) -> None:
+    llm = builtin_llm
     sampler = llm.sampler(name, init_scale=0.0)
     prompt = llm.encode("A shop gets 26 stamps on Wednesday and 68 stamps on Friday. How many stamps?", chat=True)
     free = sampler.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=64))

@@ -4,9 +4,7 @@ mid-stream freeing its row."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,37 +20,9 @@ uvicorn = pytest.importorskip("uvicorn")
 from depthwave import SamplingParams, StaticParams  # noqa: E402
 from depthwave.llm import LLM  # noqa: E402
 from depthwave.serve.app import ServeSettings, create_app  # noqa: E402
+from tests.helpers import running  # noqa: E402
 
 QUESTION = "A shop gets 26 stamps on Wednesday and 68 stamps on Friday. How many stamps does it have?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(settings: ServeSettings, app: Any = None, healthy: bool = True) -> Iterator[str]:
-    """A server on a free loopback port, in a thread of this process; yields its base URL once it answers (and,
-    if `healthy`, once its model is loaded)."""
-    port = free_port()
-    app = app or create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health").status_code == 200 or not healthy:
-                break
-        time.sleep(0.1)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +37,8 @@ def client(url: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM("builtin", device="cpu")
+def llm(builtin_llm: LLM) -> LLM:
+    return builtin_llm
 
 
 @pytest.fixture(scope="module")
@@ -334,6 +304,7 @@ def _listening() -> set[str]:
     return {line for line in out.splitlines() if "users:" in line}
 
 
+@pytest.mark.slow
 def test_two_ray_serve_replicas_behind_the_proxy_on_loopback_only(bench: Any) -> None:
     """`depthwave serve --replicas 2`: both replicas answer through Ray Serve's proxy, the same way, and every
     socket the command opened listens on 127.0.0.1."""
@@ -363,6 +334,7 @@ def test_two_ray_serve_replicas_behind_the_proxy_on_loopback_only(bench: Any) ->
             assert line.split()[3].startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")), line
 
 
+@pytest.mark.slow
 def test_bench_serve_short_run_with_64_clients_loses_nothing(bench: Any, tmp_path: Any) -> None:
     """The serving benchmark's short version (as CI runs it): 64 streaming clients for about 20 s against a fresh
     `depthwave serve`: every request completes with `[DONE]` and a whole answer."""

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from depthwave import InvalidParameterError, SamplingParams, StaticParams, StaticSampler, random_model
+from depthwave import InvalidParameterError, SamplingParams, StaticParams, StaticSampler
 from depthwave.engine.selection import filtered_probs
 from depthwave.llm import LLM
 from depthwave.model import load_model
@@ -20,7 +20,6 @@ from tests.conftest import (
     depthwave_command,
     fixture_dir,
     fixture_json,
-    micro_config,
 )
 
 PROMPT = [3, 141, 59, 26, 5]
@@ -69,9 +68,7 @@ def test_default_greedy_is_full_depth_greedy_decoding(name: str) -> None:
         assert result.token_ids == case["new_token_ids"][: budget.max_new_tokens], case["id"]
 
 
-@pytest.fixture(scope="module")
-def model():  # type: ignore[no-untyped-def]
-    return random_model(micro_config(mean_recurrence=8), seed=4)
+MICRO_MODEL_SEED = 4  # the `model` fixture of conftest
 
 
 @pytest.mark.parametrize("cache_mode", ["per-step", "shared"])
@@ -127,12 +124,13 @@ def _rank_counts(llm: LLM, mode: str, prompt: list[int], runs: int, params: Samp
     return observed, expected
 
 
-def test_speculative_sampling_matches_full_depth_sampling_and_argmax_acceptance_does_not() -> None:
+@pytest.mark.slow
+def test_speculative_sampling_matches_full_depth_sampling_and_argmax_acceptance_does_not(builtin_llm: LLM) -> None:
     """Pearson's statistic over the rank of each sampled token under its exact distribution (categories: top-1,
     top-2, rest). Draws are independent given their contexts but not identically distributed, so each count's
     variance is sum p(1-p) < sum p and the statistic is stochastically smaller than chi-square(2) under the null:
     the test is conservative. Critical value chi2(2) at p = 0.001: 13.82."""
-    llm = LLM("builtin", device="cpu", dtype="float32")
+    llm = builtin_llm
     prompt = llm.encode("A shop gets 26 stamps on Wednesday and 68 stamps on Friday. How many stamps?", chat=True)
     params = SamplingParams(temperature=1.5, max_new_tokens=32)
     critical = 13.82

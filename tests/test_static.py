@@ -17,9 +17,8 @@ from tests.conftest import micro_config
 PROMPT = [3, 141, 59, 26, 5]
 
 
-@pytest.fixture(scope="module")
-def model():  # type: ignore[no-untyped-def]
-    return random_model(micro_config(), seed=4)
+MICRO_MODEL_SEED = 4  # the `model` fixture of conftest
+MICRO_MODEL_CONFIG: dict[str, int] = {}  # mean_recurrence 4
 
 
 def _greedy(model, prompt=PROMPT, **kwargs):  # type: ignore[no-untyped-def]
