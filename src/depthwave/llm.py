@@ -98,8 +98,8 @@ class LLM:
         if getattr(prompts, "ndim", None) is not None:  # a tensor or an array: one prompt per row
             single = prompts.ndim == 1  # type: ignore[union-attr]
         else:
-            single = isinstance(prompts, str) or (bool(prompts) and not isinstance(prompts[0], (str, list, tuple)))  # type: ignore[index]
-        items: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
+            single = isinstance(prompts, str) or (bool(prompts) and not isinstance(prompts[0], (str, list, tuple)))
+        items: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
         params = self._per_prompt(sampling_params, len(items), "sampling_params", SamplingParams())
         if isinstance(sampler, Sampler):
             sampler = sampler.params

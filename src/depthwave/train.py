@@ -638,8 +638,8 @@ class _Run:
             for p in train_batch(config.data_seed, step, config.batch_size, config.distribution)
         ]
         batches = [
-            tuple(t.to(self.device) for t in collate(bucket, self.pad_id))
-            for bucket in length_buckets(examples, config.length_buckets)
+            (inputs.to(self.device), targets.to(self.device))
+            for inputs, targets in (collate(b, self.pad_id) for b in length_buckets(examples, config.length_buckets))
         ]
         # Drawn on the CPU so that a run samples the same depths on any device.
         depth_generator = _step_generator(config.seed, step, 1, torch.device("cpu"))

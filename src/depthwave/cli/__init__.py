@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -38,7 +38,10 @@ def _root(
     """Fast, faithful inference for recurrent-depth language models. Add --debug to see a traceback on errors."""
 
 
-def _click_exceptions() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...], tuple[type[Exception], ...]]:
+Exceptions = tuple[type[BaseException], ...]
+
+
+def _click_exceptions() -> tuple[Exceptions, Exceptions, Exceptions]:
     """(usage errors, "no arguments: show the help", aborts) of click and of the copy of click that typer >= 0.22
     vendors: which one parses the command line depends on typer's version."""
     modules = []
@@ -59,24 +62,26 @@ def main() -> None:
     on stderr and exit status 2; anything unexpected is one line naming the exception and exit status 1, or its
     traceback with `--debug` (anywhere on the line)."""
     usage_errors, no_args, aborts = _click_exceptions()
+    interrupts: Exceptions = (KeyboardInterrupt, *aborts)
     debug = "--debug" in sys.argv[1:]
     if debug:
         sys.argv = [arg for i, arg in enumerate(sys.argv) if i == 0 or arg != "--debug"]
     try:
         code = app(standalone_mode=False)
     except no_args as exc:
-        typer.echo(exc.format_message())
+        typer.echo(cast(Any, exc).format_message())
         code = 0
     except usage_errors as exc:
-        command = exc.ctx.command_path if exc.ctx is not None else "depthwave"
-        print(f"depthwave: error: {one_line(exc.format_message())} (see {command} --help)", file=sys.stderr)
+        usage = cast(Any, exc)
+        command = usage.ctx.command_path if usage.ctx is not None else "depthwave"
+        print(f"depthwave: error: {one_line(usage.format_message())} (see {command} --help)", file=sys.stderr)
         sys.exit(2)
     except DepthwaveError as exc:
         if debug:
             raise
         print(f"depthwave: error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, *aborts):
+    except interrupts:
         print("depthwave: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:

@@ -82,5 +82,9 @@ def serve(
         serve_replicas(settings, replicas, host, port, threads, ray_address, shutdown_grace)
         return
     uvicorn.run(
-        create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_grace
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=max(1, round(shutdown_grace)),
     )

@@ -131,8 +131,8 @@ def _wide_surfaces() -> tuple[Surface, Surface]:
         (pools.DAYS, pools.DAYS),  # seven words: too few to hold any out
         pools.partition(pools.ACTIVITIES, keep, words=lambda activity: (activity[0], activity[2])),
     ]
-    train = Surface("train", *(part[0] for part in parts), wordings="train")
-    unseen = Surface("unseen", *(part[1] for part in parts), wordings="held_out")
+    train = Surface("train", *(part[0] for part in parts), wordings="train")  # type: ignore[arg-type, misc]
+    unseen = Surface("unseen", *(part[1] for part in parts), wordings="held_out")  # type: ignore[arg-type, misc]
     return train, unseen
 
 

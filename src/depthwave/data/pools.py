@@ -161,11 +161,16 @@ def held_out(word: str) -> bool:
 
 
 def partition(
-    pool: Sequence[T], keep: Collection[str] = (), words: Callable[[T], Sequence[str]] = lambda entry: (entry,)
+    pool: Sequence[T], keep: Collection[str] = (), words: Callable[[T], Sequence[str]] | None = None
 ) -> tuple[tuple[T, ...], tuple[T, ...]]:
     """(train part, held-out part) of a pool: an entry is held out when any of its `words` is held out and not
-    in `keep` (the classic problems' words, which stay on the training side in every pool)."""
-    held = tuple(e for e in pool if any(held_out(w) and w not in keep for w in words(e)))
+    in `keep` (the classic problems' words, which stay on the training side in every pool). `words`: an
+    entry's words (default: the entry itself, a word)."""
+
+    def words_of(entry: T) -> Sequence[str]:
+        return words(entry) if words is not None else (str(entry),)
+
+    held = tuple(e for e in pool if any(held_out(w) and w not in keep for w in words_of(e)))
     return tuple(e for e in pool if e not in held), held
 
 

@@ -24,14 +24,23 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from depthwave.engine.buffers import RowBuffers
 from depthwave.engine.output import Output, StopCondition, cut_at_stop_strings
-from depthwave.engine.policy import Chunk, EngineContext, ExitGroup, PassResult, Policy, SamplerParams, sizing
+from depthwave.engine.policy import (
+    Chunk,
+    EngineContext,
+    ExitGroup,
+    ExitRule,
+    PassResult,
+    Policy,
+    SamplerParams,
+    sizing,
+)
 from depthwave.engine.request import GenerationResult, Request, StepOutput
 from depthwave.engine.scheduler import Scheduler
 from depthwave.engine.selection import Choice, SamplingParams, select_tokens
@@ -40,6 +49,9 @@ from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode, KVPool
 from depthwave.model.model import RecurrentDepthModel
 from depthwave.model.positions import Positions
+
+if TYPE_CHECKING:
+    from depthwave.model.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -222,7 +234,7 @@ class Engine:
     def __init__(
         self,
         model: RecurrentDepthModel,
-        tokenizer: object | None = None,
+        tokenizer: Tokenizer | None = None,
         stop_token_ids: Sequence[int] = (),
         config: EngineConfig | None = None,
     ) -> None:
@@ -263,10 +275,10 @@ class Engine:
         if request.request_id in self.requests:
             raise InvalidParameterError(f"request id {request.request_id!r} is already in this engine")
         request.prompt_token_ids = check_prompt(request.prompt_token_ids, self.model.config)
-        if getattr(request.sampler, "cache_mode", self.pool.mode) != self.pool.mode:
+        if request.sampler.cache_mode != self.pool.mode:
             raise InvalidParameterError(
                 f"this engine runs a {self.pool.mode!r} KV cache; {request.sampler.name} with "
-                f"cache_mode={request.sampler.cache_mode!r} needs an engine of its own"  # type: ignore[attr-defined]
+                f"cache_mode={request.sampler.cache_mode!r} needs an engine of its own"
             )
         bounds = sizing(request.sampler, len(request.prompt_token_ids), request.sampling, self.model.config)
         if self.pool.max_steps is not None and bounds.max_step > self.pool.max_steps:
@@ -413,7 +425,7 @@ class Engine:
             stats.cache_bytes = request.positions_needed * self.pool.bytes_per_position
         text = None
         if self.tokenizer is not None:
-            text = cut_at_stop_strings(self.tokenizer.decode(tokens), request.sampling.stop)  # type: ignore[attr-defined]
+            text = cut_at_stop_strings(self.tokenizer.decode(tokens), request.sampling.stop)
         return GenerationResult(
             list(request.prompt_token_ids), tokens, request.finish_reason or "length", stats, text, request.request_id
         )
@@ -517,7 +529,7 @@ class Engine:
                 state, e = full[index], embedded[index]
                 step_at = at.subset(index, self._pool_rows(at, index))
             current = step_at
-            if any(hiding[b] is not None and i >= hiding[b] for b in computed):
+            if any((h := hiding[b]) is not None and i >= h for b in computed):
                 current = self._hidden(step_at, computed, chunks, i)
             state = model.core_step(state, e, current, pool, i)
             for b in computed:
@@ -543,7 +555,7 @@ class Engine:
         return rows[index]
 
     def _exit_groups(self, wave: Tensor, at: Positions, chunks: list[Chunk]) -> list[tuple[ExitGroup, dict[int, int]]]:
-        by_class: dict[type, list[int]] = defaultdict(list)
+        by_class: dict[type[ExitRule], list[int]] = defaultdict(list)
         for b, chunk in enumerate(chunks):
             if chunk.exit is not None:
                 by_class[type(chunk.exit)].append(b)
@@ -551,7 +563,8 @@ class Engine:
         for cls, members in by_class.items():
             index = torch.tensor(members, device=wave.device)
             sub = at.subset(index, self._pool_rows(at, index))
-            group = cls.group([chunks[b].exit for b in members], wave[index], sub)
+            rules = [rule for b in members if (rule := chunks[b].exit) is not None]
+            group = cls.group(rules, wave[index], sub)
             groups.append((group, {b: k for k, b in enumerate(members)}))
         return groups
 
@@ -560,9 +573,7 @@ class Engine:
         counts = self.buffers.counts[at.rows][:, : at.length]
         device = counts.device
         starts = torch.tensor([chunks[b].start for b in computed], device=device)
-        hide = torch.tensor(
-            [chunks[b].hide_below is not None and step >= chunks[b].hide_below for b in computed], device=device
-        )
+        hide = torch.tensor([(h := chunks[b].hide_below) is not None and step >= h for b in computed], device=device)
         keys = torch.arange(at.length, device=device)
         visible = (counts > step) | (keys[None, :] >= starts[:, None]) | ~hide[:, None]
         return at.hiding(visible)
@@ -580,7 +591,9 @@ class Engine:
     def _logits(self, coda_out: Tensor, at: Positions, chunks: list[Chunk]) -> tuple[Tensor | None, list[slice]]:
         """The head on the rows the samplers read, one chunk after another."""
         width = at.width
-        rows, flat, first = [], [], 0
+        rows: list[slice] = []
+        flat: list[int] = []
+        first = 0
         for b, chunk in enumerate(chunks):
             count = chunk.logits_rows
             rows.append(slice(first, first + count))

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from depthwave.engine.buffers import RowBuffers
     from depthwave.engine.selection import SamplingParams
     from depthwave.model.config import HuginnConfig
-    from depthwave.model.kv_cache import KVPool
+    from depthwave.model.kv_cache import CacheMode, KVPool
     from depthwave.model.model import RecurrentDepthModel
     from depthwave.model.positions import Positions
 
@@ -34,6 +34,9 @@ class SamplerParams(Protocol):
     """A sampler's parameter dataclass (`StaticParams`, `DiffusionParams`, ...): it names its policy."""
 
     name: ClassVar[str]
+
+    @property
+    def cache_mode(self) -> CacheMode: ...
 
     def policy_class(self) -> type[Policy]: ...
 

@@ -16,14 +16,16 @@ The engine drives the three stages separately through `prelude`, `core_step`, `c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import KVPool
-from depthwave.model.layers import BLOCKS, RMSNorm, rope_table
+from depthwave.model.layers import BLOCKS, Block, RMSNorm, rope_table
 from depthwave.model.positions import Positions, make_positions
 
 
@@ -38,25 +40,33 @@ class ModelOutput:
     """The raw final recurrent state s_r, [B, S, D]."""
 
 
+class Trunk(nn.Module):
+    """The embedding, the three stacks, the adapter and the final norm, under the checkpoint's names
+    (`transformer.wte`, `transformer.prelude.0`, ...)."""
+
+    def __init__(self, c: HuginnConfig) -> None:
+        super().__init__()
+
+        def stack(layers: int) -> nn.ModuleList:
+            return nn.ModuleList(BLOCKS[c.block_type](c) for _ in range(layers))
+
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.prelude = stack(c.n_layers_in_prelude)
+        self.adapter = nn.Linear(2 * c.n_embd, c.n_embd, bias=c.bias)
+        self.core_block = stack(c.n_layers_in_recurrent_block)
+        self.coda = stack(c.n_layers_in_coda)
+        self.ln_f = RMSNorm(c.n_embd, c.norm_eps)
+
+    def blocks(self) -> list[Block]:
+        return [cast(Block, block) for stack in (self.prelude, self.core_block, self.coda) for block in stack]
+
+
 class RecurrentDepthModel(nn.Module):
     def __init__(self, config: HuginnConfig) -> None:
         super().__init__()
         self.config = config
         c = config
-
-        def block() -> nn.Module:
-            return BLOCKS[c.block_type](c)
-
-        self.transformer = nn.ModuleDict(
-            {
-                "wte": nn.Embedding(c.vocab_size, c.n_embd),
-                "prelude": nn.ModuleList(block() for _ in range(c.n_layers_in_prelude)),
-                "adapter": nn.Linear(2 * c.n_embd, c.n_embd, bias=c.bias),
-                "core_block": nn.ModuleList(block() for _ in range(c.n_layers_in_recurrent_block)),
-                "coda": nn.ModuleList(block() for _ in range(c.n_layers_in_coda)),
-                "ln_f": RMSNorm(c.n_embd, c.norm_eps),
-            }
-        )
+        self.transformer = Trunk(c)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -68,7 +78,7 @@ class RecurrentDepthModel(nn.Module):
         that casting the model to bf16 leaves it complex64, and `_apply` rebuilds it on the model's device."""
         self.rope = rope_table(self.config, self.config.block_size, device)
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RecurrentDepthModel:
         super()._apply(fn, recurse)
         weight = self.transformer.wte.weight
         if weight.device.type != "meta" and self.rope.device != weight.device:
@@ -218,15 +228,14 @@ class RecurrentDepthModel(nn.Module):
         if not self.config.tie_embeddings:
             normal(self.lm_head.weight, std)
         hidden = self.config.intermediate_size
-        for name in ("prelude", "core_block", "coda"):
-            for block in self.transformer[name]:
-                normal(block.attn.Wqkv.weight, std)
-                normal(block.attn.proj.weight, out_std)
-                normal(block.mlp.fc.weight[:hidden], std)
-                normal(block.mlp.fc.weight[hidden:], out_std)
-                normal(block.mlp.proj.weight, out_std)
-                if block.attn.qk_bias is not None:
-                    block.attn.qk_bias.zero_()
+        for block in self.transformer.blocks():
+            normal(block.attn.Wqkv.weight, std)
+            normal(block.attn.proj.weight, out_std)
+            normal(block.mlp.fc.weight[:hidden], std)
+            normal(block.mlp.fc.weight[hidden:], out_std)
+            normal(block.mlp.proj.weight, out_std)
+            if block.attn.qk_bias is not None:
+                block.attn.qk_bias.zero_()
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)

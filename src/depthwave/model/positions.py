@@ -55,6 +55,7 @@ class Positions:
         in the order of the real queries' K/V viewed as [N·heads, h] (one index_copy per write)."""
         key = (heads, length)
         if key not in self._flat:
+            assert self.write_rows is not None and self.write_pos is not None, "an uncached call writes nothing"
             head = torch.arange(heads, device=self.pos.device)
             self._flat[key] = ((self.write_rows[:, None] * heads + head) * length + self.write_pos[:, None]).reshape(-1)
         return self._flat[key]

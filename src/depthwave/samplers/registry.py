@@ -83,7 +83,7 @@ def make(
         raise InvalidParameterError(
             f"cache_mode must be {engine_cache!r}, the KV cache this engine runs, got {merged['cache_mode']!r}"
         )
-    return cls(**merged)  # type: ignore[no-any-return]
+    return cls(**merged)
 
 
 # ---- text -----------------------------------------------------------------------------------------------------

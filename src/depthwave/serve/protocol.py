@@ -67,7 +67,14 @@ COMMON = {
 }
 COMPLETION_ONLY = {"prompt", "echo", "logprobs", "best_of", "suffix"}
 CHAT_ONLY = {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
-NEUTRAL = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "suffix": None, "logit_bias": {}}
+NEUTRAL: dict[str, Any] = {
+    "n": 1,
+    "best_of": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "suffix": None,
+    "logit_bias": {},
+}
 MAX_LOGPROBS = 20
 
 
@@ -128,7 +135,7 @@ def parse_prompts(body: dict, encode: Any) -> list[list[int]]:
     if isinstance(prompt, str):
         return [encode(prompt)]
     if _token_list(prompt):
-        return [list(prompt)]
+        return [list(prompt)]  # type: ignore[arg-type]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_list(p) for p in prompt):
         return [encode(p) if isinstance(p, str) else list(p) for p in prompt]
     raise bad("prompt", "a string, a list of token ids, or a non-empty list of those", prompt)

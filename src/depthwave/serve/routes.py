@@ -19,7 +19,7 @@ router = APIRouter()
 
 
 def server_of(request: HttpRequest) -> Server:
-    return request.app.state.server  # type: ignore[no-any-return]
+    return request.app.state.server
 
 
 async def read_body(request: HttpRequest) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ class Server:
         try:
             for index, request in enumerate(requests):
                 self.llm.check(request)  # a 400 before any work
-                await self.engine.add(request, lambda output, i=index: outputs.put_nowait((i, output)))
+                await self.engine.add(request, functools.partial(_put, outputs, index))
                 added.append(request)
         except QueueFull as exc:
             self.abort(added)
@@ -185,3 +186,7 @@ class Server:
 def load_quietly(server: Server) -> None:
     with contextlib.suppress(Exception):  # kept in server.failed, reported by /health
         server.load()
+
+
+def _put(outputs: asyncio.Queue, index: int, output: Any) -> None:
+    outputs.put_nowait((index, output))

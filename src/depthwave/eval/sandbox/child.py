@@ -92,7 +92,7 @@ def prepare(cfg):
     # audited, so nothing legitimate needs them.
     del _posixsubprocess.fork_exec
     if getattr(subprocess, "_fork_exec", None) is not None:
-        subprocess._fork_exec = None
+        subprocess._fork_exec = None  # type: ignore[attr-defined]
     for module in (signal, _signal):
         if hasattr(module, "pidfd_send_signal"):
             delattr(module, "pidfd_send_signal")
@@ -216,7 +216,7 @@ def make_guard(work, import_roots, deny_read, max_processes):
     }
     if max_processes == 0:
         refused |= {"os.fork", "os.forkpty", "_thread.start_new_thread", "_thread.start_joinable_thread"}
-    refused = frozenset(refused)
+    refused = frozenset(refused)  # type: ignore[assignment]
     refused_prefixes = ("socket.", "ctypes.")
     # Loaded (or dropped) by the bootstrap already: importing them again would only serve to undo that.
     # cffi calls C freely.

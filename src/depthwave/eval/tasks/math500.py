@@ -89,7 +89,8 @@ class Math500Task(Task):
         return [self._sample(index, record) for index, record in enumerate(records)]
 
     def _sample(self, index: int, record: Record) -> Sample:
-        meta = {key: record.data[key] for key in ("unique_id", "subject", "level", "solution") if key in record.data}
+        keys: tuple[str, ...] = ("unique_id", "subject", "level", "solution")
+        meta = {key: record.data[key] for key in keys if key in record.data}
         return Sample(f"math500/{index:04d}", record.get("problem"), record.get("answer"), meta)
 
     def messages(self, sample: Sample) -> Messages:

@@ -91,6 +91,8 @@ class DiffusionPolicy(Policy):
         """The window (start, size) of the previous step: latent-acceleration's z_(t−2) lives there."""
         self.embedded_until = 0
         """Positions below this hold an embedding from the previous step (momentum mixes it in)."""
+        self.noise: Tensor | None = None
+        """This step's noise states (drawn before the pass), or None."""
         self.counters = Counters()
         self.trace: list[dict[str, Any]] | None = [] if params.trace else None
         self.recurrences: list[int] = []
@@ -416,8 +418,8 @@ def add_noise(rows: Members, states: Tensor) -> Tensor:
     variance-preservingly when `sqrt`."""
     states = states.clone()
     for policy, b in rows:
-        params, w = policy.params, policy.window
-        if params.noise <= 0:
+        params, w, noise = policy.params, policy.window, policy.noise
+        if noise is None:
             continue
         row = states[b, : w.size]
         recurrences = policy.ctx.buffers.counts[policy.row, w.start : w.end]
@@ -426,9 +428,9 @@ def add_noise(rows: Members, states: Tensor) -> Tensor:
             amount = amount / (1 + recurrences)
         amount = amount.to(states.dtype)[:, None]
         if params.sqrt_noise:
-            states[b, : w.size] = row * (1 - amount).clamp_min(0).sqrt() + amount.sqrt() * policy.noise
+            states[b, : w.size] = row * (1 - amount).clamp_min(0).sqrt() + amount.sqrt() * noise
         else:
-            states[b, : w.size] = row * (1 - amount) + amount * policy.noise
+            states[b, : w.size] = row * (1 - amount) + amount * noise
     return states
 
 
@@ -486,14 +488,16 @@ def re_propose(members: Members, proposals: Tensor, wave_out: Tensor) -> list[Te
     """The proposals replace the not-yet-final tokens; new positions open at the front. Returns the random tokens
     of requests with headway > 1."""
     buffers = members[0][0].ctx.buffers
-    rows, places = [], []
+    rows: list[int] = []
+    places: list[int] = []
     for policy, _ in members:
         w = policy.window
         rows.extend([policy.row] * w.proposing)
         places.extend(range(w.frozen, w.frozen + w.proposing))
     scatter_rows(buffers.tokens, rows, places, proposals)
     randoms: list[Tensor] = []
-    opened, rows, places = [], [], []
+    opened: list[Tensor] = []
+    rows, places = [], []
     for n, (policy, _) in enumerate(members):
         tokens, states = policy.open_positions(wave_out[n])
         randoms.extend(tokens)
