@@ -164,16 +164,20 @@ async def load(
 
 def engine_counters(url: str) -> dict[str, float]:
     """The server's pass counters from /metrics (prefill and decode passes and their seconds, prompt tokens)."""
-    wanted = ("depthwave_passes_total", "depthwave_pass_seconds_total", "depthwave_prompt_tokens_total")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    # depthwave:engine_pass_seconds_total{kind="prefill"} -> prefill_pass_seconds
+    names = {
+        "depthwave:engine_passes_total": "passes",
+        "depthwave:engine_pass_seconds_total": "pass_seconds",
+        "depthwave:prompt_tokens_total": "prompt_tokens",
+    }
     out = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(wanted):
-            name, value = line.rsplit(" ", 1)
-            # depthwave_pass_seconds_total{kind="prefill"} -> prefill_pass_seconds
-            metric, _, label = name.removeprefix("depthwave_").partition("{")
-            metric = metric.removesuffix("_total")
-            kind = label.removeprefix('kind="').removesuffix('"}')
-            out[f"{kind}_{metric}" if kind else metric] = float(value)
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name in names:
+                kind = sample.labels.get("kind")
+                out[f"{kind}_{names[sample.name]}" if kind else names[sample.name]] = sample.value
     return out
 
 

@@ -53,7 +53,8 @@ def test_matches_every_recorded_case(name: str) -> None:
     prompts = fixture_json(name, "prompts.json")["prompts"]
     cases = fixture_json(name, "generate_with_adaptive_compute.json")["cases"]
     criteria = {case["args"]["criterion"] for case in cases}
-    assert criteria == set(AUTO_THRESHOLDS), "every criterion is recorded"
+    # Every Huginn criterion is recorded; "gate" is Ouro's (tests/test_ouro.py).
+    assert criteria == set(AUTO_THRESHOLDS) - {"gate"}, "every criterion is recorded"
     for case in cases:
         params = _params_for(case)
         if case["resolved_exit_threshold"] is not None:

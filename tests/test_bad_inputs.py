@@ -64,8 +64,11 @@ def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
 GENERATE_CASES = [
     (["--prompt-ids", "1,x"], "--prompt-ids must be integers"),
     (["--prompt-ids", "1,2", "--prompt", "x"], "give exactly one of --prompt or --prompt-ids"),
-    (["--prompt-ids", "1", "--temperature", "-1"], "temperature must be a finite number >= 0"),
-    (["--prompt-ids", "1", "--temperature", "inf"], "temperature must be a finite number >= 0, got inf"),
+    (["--prompt-ids", "1", "--temperature", "-1"], "temperature must be 0 (greedy) or a finite number >= 1e-06"),
+    (
+        ["--prompt-ids", "1", "--temperature", "inf"],
+        "temperature must be 0 (greedy) or a finite number >= 1e-06, got inf",
+    ),
     (["--prompt-ids", "1", "--sampler", "nope"], "unknown sampler 'nope'"),
     (["--prompt-ids", "1", "--num-steps", "0"], "num_steps must be None or an integer >= 1"),
     (["--prompt-ids", ",".join(["1"] * 300)], "the prompt has 300 tokens but the model's context holds 256"),
@@ -81,7 +84,7 @@ GENERATE_CASES = [
     (["--prompt-ids", "1", "--sampler", "static", "--trace-out", "t.png"], "--trace-out records the diffusion"),
     (["--prompt", "hi", "--system", "be brief"], "--system is a chat message; add --chat"),
     (["--prompt-ids", "1", "--dtype", "banana"], "unknown dtype 'banana'"),
-    (["--prompt-ids", "1", "--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+    (["--prompt-ids", "1", "--top-p", "2"], "top_p must be in [1e-06, 1], got 2.0"),
     (["--prompt-ids", "1", "--seed", "-1"], "seed must be None or an integer >= 0, got -1"),
     (["--prompt-ids", "1", "--threads", "0"], "threads must be an integer >= 1, got 0"),
     # Mistakes the command-line parser catches are one line too.
@@ -113,7 +116,7 @@ def test_trace_out_under_a_file_is_refused_before_generating(
 
 EVAL_CASES = [
     (["--threads", "-1"], "threads must be an integer >= 1, got -1"),
-    (["--temperature", "-1"], "temperature must be a finite number >= 0, got -1.0"),
+    (["--temperature", "-1"], "temperature must be 0 (greedy) or a finite number >= 1e-06, got -1.0"),
     (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
     (["--device", "banana"], "unknown device 'banana'"),
     (["--samplers", "adaptive(continuous_compute=no)"], "continuous_compute must be true or false, got 'no'"),
@@ -293,7 +296,7 @@ def test_bad_sampler_parameters_are_refused(sampler: str, params: dict[str, Any]
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"temperature": float("inf")}, "temperature must be a finite number >= 0, got inf"),
+        ({"temperature": float("inf")}, r"temperature must be 0 \(greedy\) or a finite number >= 1e-06, got inf"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"top_p": 1.5}, "top_p"),
         ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1, got True"),

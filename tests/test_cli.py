@@ -77,14 +77,16 @@ def test_every_sampler_parameter_is_reachable_from_every_front_end(sampler: str)
     from dataclasses import fields
 
     from depthwave.eval.lm_harness import DepthwaveLM
-    from depthwave.serve.protocol import _sampler_fields
+    from depthwave.serve.protocol import ChatCompletionRequest, CompletionRequest, _sampler_fields
 
     cls = registry.PARAMS[sampler]
     names = [f.name for f in fields(cls)]
     for command in ("generate", "serve"):
         missing = [n for n in names if "--" + n.replace("_", "-") not in _options(command)]
         assert not missing, (command, missing)
-    assert set(names) <= _sampler_fields({"sampler": sampler}, None)  # type: ignore[arg-type]
+    assert set(names) <= _sampler_fields({"sampler": sampler}, None)
+    for body in (CompletionRequest, ChatCompletionRequest):  # typed request fields, documented in /openapi.json
+        assert set(names) <= set(body.model_fields), body
     spec = registry.SamplerSpec.parse(f"{sampler}(" + ",".join(f"{n}={_text(cls, n)}" for n in names) + ")")
     assert spec.build() == cls()
     name, params = registry.from_mapping({"sampler": sampler, **{n: _text(cls, n) for n in names}})

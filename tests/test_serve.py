@@ -17,6 +17,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
 from depthwave import SamplingParams, StaticParams  # noqa: E402
 from depthwave.llm import LLM  # noqa: E402
 from depthwave.serve.app import ServeSettings, create_app  # noqa: E402
@@ -57,9 +59,13 @@ def bench() -> Any:
     return module
 
 
-def metric(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+def metric(url: str, name: str, **labels: str) -> float:
+    """A sample of /metrics, read with prometheus_client's parser (which also checks the format)."""
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise KeyError(f"{name}{labels} is not in /metrics")
 
 
 def test_completions_stream_and_not_agree_with_usage(client: Any, llm: LLM) -> None:
@@ -161,6 +167,13 @@ def test_echo_logprobs_are_the_full_forward_log_softmax(client: Any, llm: LLM) -
         ({"prompt": "x", "temperature": -1}, 400, "temperature"),
         ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
         ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+        # Found by the fuzzing: a float32 division by these is by 0, and the step failed the whole batch.
+        ({"prompt": "x", "temperature": 1e-300}, 400, "temperature"),
+        ({"prompt": "x", "repetition_penalty": 5e-324}, 400, "repetition_penalty"),
+        ({"prompt": "x", "top_p": 5e-324}, 400, "top_p"),
+        ({"prompt": "x", "max_tokens": 2**64}, 400, "max_tokens"),
+        ({"prompt": "x", "stop": ["a"] * 10_000}, 400, "stop"),
+        ({"prompt": "x", "Colour ": "red"}, 400, "Colour "),
         ({"prompt": "x", "stop": 5}, 400, "stop"),
         ({"prompt": "x", "n": 2}, 400, "n"),
         ({"prompt": "x", "colour": "red"}, 400, "colour"),
@@ -189,25 +202,93 @@ def test_malformed_and_oversized_bodies(url: str) -> None:
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
     huge = httpx.post(f"{url}/v1/completions", content=b"x" * (2 << 20))
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+
+    def chunked(data: bytes) -> Iterator[bytes]:  # no Content-Length: the size is only known once read
+        yield from (data[i : i + 4096] for i in range(0, len(data), 4096))
+
+    json_type = {"content-type": "application/json"}
+    huge = httpx.post(f"{url}/v1/completions", content=chunked(b"x" * (2 << 20)), headers=json_type)
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    small = json.dumps({"prompt": "What is 3 + 4?", "max_tokens": 2}).encode()
+    assert httpx.post(f"{url}/v1/completions", content=chunked(small), headers=json_type).status_code == 200
+    not_utf8 = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "x\xff"}', headers=json_type)
+    assert not_utf8.status_code == 400 and "UTF-8" in not_utf8.json()["error"]["message"]
     chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]})
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages[0].role"
+
+
+def test_null_fields_mean_their_defaults_and_strings_are_not_numbers(url: str) -> None:
+    body = {"prompt": "What is 3 + 4?", "max_tokens": None, "temperature": None, "stop": None, "seed": None}
+    ok = httpx.post(f"{url}/v1/completions", json={**body, "stream": None, "num_steps": None}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 16, ok.text
+    for field, value in (("max_tokens", "8"), ("stream", 1), ("temperature", "0"), ("seed", 1.5)):
+        refused = httpx.post(f"{url}/v1/completions", json={"prompt": "x", field: value}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text
+    missing = httpx.post(f"{url}/v1/completions", json={"prompt": None}, timeout=60)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
 
 
 def test_models_health_and_metrics(url: str) -> None:
     models = httpx.get(f"{url}/v1/models").json()
     assert models["data"][0]["id"] == "builtin" and models["data"][0]["max_model_len"] == 256
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
-    text = httpx.get(f"{url}/metrics").text
-    for name in (
-        "depthwave_requests_running",
-        "depthwave_requests_waiting",
-        "depthwave_batch_rows 8",
-        "depthwave_generated_tokens_total",
-        'depthwave_requests_finished_total{finish_reason="stop"}',
-        "depthwave_time_to_first_token_seconds_bucket",
-        "depthwave_inter_token_latency_seconds_count",
-    ):
-        assert name in text, name
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    for name, kind in {
+        "depthwave:num_requests_running": "gauge",
+        "depthwave:num_requests_waiting": "gauge",
+        "depthwave:max_num_seqs": "gauge",
+        "depthwave:kv_cache_positions_reserved": "gauge",
+        "depthwave:request_success": "counter",
+        "depthwave:generation_tokens": "counter",
+        "depthwave:prompt_tokens": "counter",
+        "depthwave:time_to_first_token_seconds": "histogram",
+        "depthwave:inter_token_latency_seconds": "histogram",
+        "depthwave:e2e_request_latency_seconds": "histogram",
+        "depthwave:recurrences_per_token": "histogram",
+        "depthwave:sampler_steps": "histogram",
+        "depthwave:wavefront_size": "histogram",
+    }.items():
+        assert families[name].type == kind, name
+    assert metric(url, "depthwave:max_num_seqs") == 8
+    assert metric(url, "depthwave:request_success_total", finished_reason="stop") >= 1
+    assert metric(url, "depthwave:generation_tokens_total") > 0 and metric(url, "depthwave:prompt_tokens_total") > 0
+    # The default sampler is diffusion: its recurrences, steps and wavefront are observed per finished request.
+    finished = sum(metric(url, "depthwave:request_success_total", finished_reason=r) for r in ("stop", "length"))
+    assert metric(url, "depthwave:sampler_steps_count", sampler="diffusion") >= 1
+    assert metric(url, "depthwave:recurrences_per_token_count", sampler="diffusion") <= finished
+    assert metric(url, "depthwave:e2e_request_latency_seconds_count") >= finished
+
+
+def test_openapi_documents_every_endpoint_with_its_bodies_and_docs_show_it(url: str) -> None:
+    spec = httpx.get(f"{url}/openapi.json").json()
+    routes = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+    assert routes == {
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/tokenizer_info"),
+        ("POST", "/tokenize"),
+        ("POST", "/detokenize"),
+        ("GET", "/health"),
+        ("GET", "/metrics"),
+    }
+    schemas = spec["components"]["schemas"]
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            assert "200" in op["responses"] and "422" not in op["responses"], (method, path)
+            if method == "post":
+                body = op["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+                assert schemas[body].get("additionalProperties") is False, body  # unknown fields refused
+                assert op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+                    "/ErrorResponse"
+                )
+    completion = schemas["CompletionRequest"]["properties"]
+    # The sampler parameters are documented fields, with the samplers' own help.
+    assert "inner_recurrence" in completion and "draft_steps" in completion and "num_steps" in completion
+    assert completion["inner_recurrence"]["description"].startswith("diffusion:")
+    assert "text/event-stream" in spec["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
+    docs = httpx.get(f"{url}/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower() and "/openapi.json" in docs.text
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_row(url: str) -> None:
@@ -218,14 +299,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(url: str) -> None:
         received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: {") for line in received)
     deadline = time.time() + 30
-    while time.time() < deadline and (metric(url, "depthwave_requests_running") or _aborts(url) == before):
+    while time.time() < deadline and (metric(url, "depthwave:num_requests_running") or _aborts(url) == before):
         time.sleep(0.1)
-    assert metric(url, "depthwave_requests_running") == 0 and _aborts(url) == before + 1
+    assert metric(url, "depthwave:num_requests_running") == 0 and _aborts(url) == before + 1
 
 
 def _aborts(url: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    return float(next(line.split()[-1] for line in text.splitlines() if 'finish_reason="abort"' in line))
+    return metric(url, "depthwave:request_success_total", finished_reason="abort")
 
 
 def test_api_key_queue_full_and_loading() -> None:
@@ -233,6 +313,8 @@ def test_api_key_queue_full_and_loading() -> None:
     with running(settings) as base:
         denied = httpx.post(f"{base}/v1/completions", json={"prompt": "x"})
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+        for wrong in ("Bearer secreT", "Bearer secret2", "secret", "Bearer"):
+            assert httpx.post(f"{base}/v1/completions", json={}, headers={"Authorization": wrong}).status_code == 401
         headers = {"Authorization": "Bearer secret"}
         body = {"prompt": QUESTION, "max_tokens": 120, "ignore_eos": True, "temperature": 1.0}
         statuses: list[Any] = []
@@ -290,8 +372,7 @@ def test_cli_serve_with_sampler_flags_and_a_graceful_sigterm(bench: Any) -> None
         time.sleep(1.0)
         process.send_signal(signal.SIGTERM)
         sender.join()
-        # uvicorn re-raises the signal once it has shut down gracefully, so the exit status is SIGTERM's.
-        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert process.wait(timeout=60) == 0  # a graceful stop is a clean exit
         response = results[0]
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 120
         assert "default sampler static" in process.stderr.read()
@@ -388,4 +469,184 @@ def test_a_failing_step_ends_its_batch_with_an_error_and_the_server_goes_on() ->
         assert "simulated failure" in str(results["stream"])
         after = client.completions.create(**body, **options)
         assert after.choices[0].finish_reason == "length" and after.usage.completion_tokens == 60
-        assert metric(base, "depthwave_requests_running") == 0
+        assert metric(base, "depthwave:num_requests_running") == 0
+
+
+def _wait_for(condition: Any, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_overload_gets_429_with_a_retry_after_that_works(bench: Any) -> None:
+    """The real command with one row and one waiting place: a burst of six requests gets 429s with Retry-After
+    in OpenAI's shape; clients that wait that long and retry are all served, and /metrics counts the refusals."""
+    flags = ["--max-num-seqs", "1", "--max-waiting", "1", "--admission-delay", "0", "--sampler", "static"]
+    with bench.local_server(flags) as (base, _):
+        body = {"prompt": QUESTION, "max_tokens": 40, "ignore_eos": True, "temperature": 0, "seed": 1}
+        first: dict[int, httpx.Response] = {}
+        tries = [0] * 6
+
+        def client(i: int) -> None:
+            with httpx.Client(timeout=120) as http:
+                while True:
+                    response = http.post(f"{base}/v1/completions", json=body)
+                    first.setdefault(i, response)
+                    tries[i] += 1
+                    if response.status_code != 429:
+                        assert response.status_code == 200, response.text
+                        assert response.json()["usage"]["completion_tokens"] == 40
+                        return
+                    error = response.json()["error"]
+                    assert error["type"] == "rate_limit_error" and error["message"], error
+                    time.sleep(float(response.headers["retry-after"]))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        refused = sum(tries) - 6
+        assert sum(r.status_code == 429 for r in first.values()) >= 3, [r.status_code for r in first.values()]
+        assert metric(base, "depthwave:request_rejected_total", status="429") == refused
+        assert metric(base, "depthwave:request_success_total", finished_reason="length") == 6
+
+
+def test_sigterm_finishes_running_requests_refuses_the_rest_and_exits_0(bench: Any) -> None:
+    """SIGTERM to the real command: the two running requests finish whole, the two waiting ones and a new one get
+    503 in OpenAI's shape, /health says stopping, and the process exits 0 soon after the last answer."""
+    import signal
+
+    flags = ["--max-num-seqs", "2", "--admission-delay", "0", "--sampler", "static", "--shutdown-grace", "60"]
+    with bench.local_server(flags) as (base, process):
+        body = {"prompt": QUESTION, "max_tokens": 150, "ignore_eos": True, "temperature": 0}
+        results: dict[int, httpx.Response] = {}
+
+        def send(i: int) -> None:
+            results[i] = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+        for i, thread in enumerate(threads):
+            thread.start()
+            if i == 1:  # the first two hold the rows before the others arrive
+                _wait_for(lambda: metric(base, "depthwave:num_requests_running") == 2)
+        _wait_for(lambda: metric(base, "depthwave:num_requests_waiting") == 2)
+        process.send_signal(signal.SIGTERM)
+        for thread in threads[2:]:
+            thread.join(timeout=30)
+        new = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
+        health = httpx.get(f"{base}/health", timeout=30)
+        for thread in threads[:2]:
+            thread.join(timeout=120)
+        stopped = time.time()
+        assert process.wait(timeout=30) == 0
+        assert time.time() - stopped < 10, "the process lingered after its last request"
+        for i in (0, 1):
+            assert results[i].status_code == 200 and results[i].json()["usage"]["completion_tokens"] == 150
+        for refused in (results[2], results[3], new):
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "shutting_down"
+        assert health.status_code == 503 and health.json()["status"] == "stopping"
+
+
+def test_sigterm_grace_over_aborts_what_runs_and_exits_0(bench: Any) -> None:
+    """With a short --shutdown-grace, requests still running when it ends are aborted (a stream ends with
+    finish_reason "abort" and [DONE]) and the process still exits 0: nothing hangs."""
+    import signal
+
+    flags = ["--max-num-seqs", "2", "--sampler", "static", "--shutdown-grace", "1"]
+    with bench.local_server(flags) as (base, process):
+        body = {"prompt": QUESTION, "max_tokens": 250, "ignore_eos": True, "temperature": 0, "stream": True}
+        lines: list[str] = []
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line:
+                        lines.append(line)
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        _wait_for(lambda: len(lines) > 3)
+        began = time.time()
+        process.send_signal(signal.SIGTERM)
+        thread.join(timeout=60)
+        assert process.wait(timeout=30) == 0 and time.time() - began < 15
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "abort" and lines[-1] == "data: [DONE]"
+
+
+@pytest.mark.parametrize(
+    ("host", "env", "warned", "key"),
+    [
+        ("10.1.2.3", {}, True, None),
+        ("10.1.2.3", {"DEPTHWAVE_API_KEY": "from-env"}, False, "from-env"),
+        ("127.0.0.1", {}, False, None),
+        ("localhost", {}, False, None),
+    ],
+)
+def test_the_key_comes_from_the_environment_and_an_open_host_without_one_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, host: str, env: dict[str, str], warned: bool, key: str | None
+) -> None:
+    """`depthwave serve` reads DEPTHWAVE_API_KEY, and binding beyond loopback without a key prints one warning
+    line. Nothing listens here: the address check and the server are replaced."""
+    from depthwave.cli import serve as serve_command
+    from depthwave.serve import app as app_module
+    from tests.conftest import depthwave_command
+
+    started: list[Any] = []
+    monkeypatch.setattr(serve_command, "check_listen_address", lambda host, port: None)
+    monkeypatch.setattr(app_module, "serve_http", lambda settings, *args: started.append(settings))
+    monkeypatch.delenv("DEPTHWAVE_API_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = depthwave_command(["serve", "--host", host])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == int(warned), result.stderr
+    if warned:
+        assert host in warnings[0] and "without an API key" in warnings[0]
+    assert started[0].api_key == key
+
+
+def test_is_loopback() -> None:
+    from depthwave.serve.app import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("127.8.9.10")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("::")
+
+
+@pytest.mark.slow
+def test_soak_with_faults_for_a_minute_loses_nothing(tmp_path: Any) -> None:
+    """benchmarks/soak_serve.py's short version: 64 streaming clients for 60 s against the real command with
+    hang-ups, malformed bodies, bursts beyond --max-waiting and a SIGTERM + restart at half time. No well-formed
+    request is lost, every whole answer equals the quiet server's, nothing is left running, and /metrics agrees
+    with the clients' counts."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "soak_serve.py"
+    spec = importlib.util.spec_from_file_location("soak_serve", path)
+    assert spec is not None and spec.loader is not None
+    soak = importlib.util.module_from_spec(spec)
+    sys.modules["soak_serve"] = soak  # its dataclasses look their module up there
+    spec.loader.exec_module(soak)
+    summary = soak.main(["--duration", "60", "--clients", "64", "--out", str(tmp_path / "soak.json")])
+    shown = {k: v for k, v in summary.items() if k != "outcomes"}
+    assert summary["lost"] == 0, summary["lost_examples"]
+    assert summary["mismatched"] == 0, summary["mismatch_examples"]
+    outcomes = summary["outcomes"]
+    for seen in ("normal:complete", "hangup:hung_up", "malformed:refused_4xx", "burst:rejected_429"):
+        assert outcomes.get(seen, 0) > 0, (seen, outcomes)
+    assert summary["restart_exit_code"] == 0, shown
+    assert summary["end_rows_in_use"] == summary["end_waiting"] == summary["end_kv_positions_in_use"] == 0, shown
+    assert summary["rss_growth_first"] < 0.05, shown
+    last = summary["last_server"]
+    for reason in ("stop", "length"):  # a hang-up can come after the server finished, never the other way round
+        assert last["metrics_success_by_reason"][reason] >= last["clients_complete_by_reason"][reason], last
+    finished = sum(last["metrics_success_by_reason"].values())
+    assert finished == sum(last["clients_complete_by_reason"].values()) + last["clients_hung_up"], last
+    assert last["metrics_rejected_429"] == last["clients_rejected_429"], last
+    assert last["metrics_generation_tokens"] >= last["clients_completion_tokens"], last

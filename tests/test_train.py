@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from depthwave.train import (
     greedy_accuracy,
     learning_rate,
     length_buckets,
+    looped_loss,
     main,
     recurrent_loss,
     resolve_precision,
@@ -152,6 +155,34 @@ def test_smoke_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path: P
     assert len(result.token_ids) <= 5 and isinstance(result.text, str)
 
 
+def test_ouro_training_uses_the_exit_objective_and_exports_an_ouro_checkpoint(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    overrides = {"family": "ouro", "prelude_layers": 0, "coda_layers": 0, "core_layers": 2}
+    model = RecurrentDepthModel(smoke(Path("unused"), **overrides).model_config(tokenizer))
+    model.init_weights(torch.Generator().manual_seed(0))
+    examples = [encode_problem(tokenizer, p) for p in train_batch(0, 0, 4)]
+    inputs, targets = collate(examples, special_token_ids(tokenizer)["<|pad|>"])
+    loss = looped_loss(model, inputs, targets, entropy_weight=0.0)
+    # With no entropy term it is the gate-weighted mean of the loops' losses: between the best and worst loop.
+    per_loop = []
+    state = model.initial_state(model.prelude(inputs))
+    for step in range(4):
+        state = model.core_step(state, state, step=step)
+        per_loop.append(F.cross_entropy(model.head(state).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX))
+    assert min(per_loop) - 1e-5 <= loss <= max(per_loop) + 1e-5
+    loss.backward()
+    assert model.transformer.exit_gate is not None and model.transformer.exit_gate.weight.grad.abs().sum() > 0
+
+    summary = train(smoke(tmp_path, **overrides, steps=20), write=quiet)
+    assert sum(summary.losses[-5:]) < sum(summary.losses[:5]) - 2.0, summary.losses
+    assert json.loads((summary.model_dir / "config.json").read_text())["model_type"] == "ouro"
+    llm = LLM(summary.model_dir, device="cpu")
+    assert llm.model.config.family == "ouro" and llm.model.config.mean_recurrence == 4
+    out = llm.generate("Ana has 3 apples.", SamplingParams(temperature=0.0, max_new_tokens=4), chat=True)[0]
+    assert len(out.token_ids) <= 4
+    with pytest.raises(TrainingError, match="prelude_layers and coda_layers"):
+        smoke(tmp_path, family="ouro")
+
+
 def test_resumed_training_equals_uninterrupted_training(tmp_path: Path) -> None:
     straight = train(smoke(tmp_path / "a", steps=12), write=quiet)
     part = train(smoke(tmp_path / "b", steps=12, stop_at=5), write=quiet)
@@ -263,7 +294,8 @@ def test_length_buckets_give_the_loss_and_gradient_of_one_batch(tokenizer: Token
 
     def run(batches: list[list[tuple[list[int], list[int]]]]) -> tuple[float, list[torch.Tensor]]:
         model.zero_grad()
-        loss = accumulate_gradients(model, [collate(b, pad) for b in batches], 1, 2, torch.Generator(), bf16=False)
+        loss_of = partial(recurrent_loss, model, no_grad_steps=1, grad_steps=2, generator=torch.Generator())
+        loss = accumulate_gradients([collate(b, pad) for b in batches], loss_of, bf16=False)
         return loss, [p.grad.clone() for p in model.parameters()]
 
     whole_loss, whole_grads = run([examples])

@@ -20,7 +20,6 @@ from depthwave.model.tokenizer import default_stop_ids, load_tokenizer
 from depthwave.runtime import apply_threads, resolve_device
 from depthwave.samplers import registry
 from depthwave.samplers.frontend import Sampler
-from depthwave.samplers.registry import DEFAULT_SAMPLER
 
 Prompt = str | Sequence[int]
 
@@ -34,10 +33,12 @@ class LLM:
         revision: str | None = None,
         max_num_seqs: int = 64,
         threads: int | None = None,
+        compile: bool = False,
     ) -> None:
         """`threads`: torch's CPU threads, set for the whole process (default: one for models under 512 wide,
         where a second thread does not pay and collapses when another process holds a core; else every available
-        core; OMP_NUM_THREADS, when set, wins over the default). See `depthwave.runtime`."""
+        core; OMP_NUM_THREADS, when set, wins over the default). See `depthwave.runtime`. `compile`: every engine
+        runs its decode passes as compiled graphs (`depthwave.model.compiled`)."""
         self.folder = resolve_model_dir(model, revision)
         resolved = resolve_device(device)
         self.model = load_model(self.folder, resolved, dtype)
@@ -45,11 +46,17 @@ class LLM:
         self.tokenizer = load_tokenizer(self.folder)
         self.stop_token_ids = default_stop_ids(self.folder, self.model.config, self.tokenizer)
         self.max_num_seqs = max_num_seqs
+        self.compile = compile
+        self._compiled: dict[tuple[str, int], Engine] = {}
 
     # ---- samplers -----------------------------------------------------------------------------------------
-    def sampler(self, name: str = DEFAULT_SAMPLER, **params: Any) -> Sampler:
-        """A one-prompt sampler bound to this model; `params` are the fields of that sampler's parameter dataclass."""
-        return Sampler(self.model, self.tokenizer, self.stop_token_ids, params=registry.make(name, **params))
+    def sampler(self, name: str | None = None, **params: Any) -> Sampler:
+        """A one-prompt sampler bound to this model (default: `registry.default_for` the model); `params` are the
+        fields of that sampler's parameter dataclass."""
+        name = name or registry.default_for(self.model.config)
+        return Sampler(
+            self.model, self.tokenizer, self.stop_token_ids, params=registry.make(name, **params), compile=self.compile
+        )
 
     # ---- prompts ------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False, system: str | None = None) -> list[int]:
@@ -83,7 +90,7 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        sampler: str | Any | Sequence[Any] = DEFAULT_SAMPLER,
+        sampler: str | Any | Sequence[Any] | None = None,
         chat: bool = False,
         system: str | None = None,
         progress: bool | None = None,
@@ -94,7 +101,8 @@ class LLM:
 
         `sampling_params`: one for all prompts or one per prompt. `sampler`: a name (with `sampler_params` as its
         fields), a parameter object (`DiffusionParams(...)`), or one parameter object per prompt: requests of
-        different samplers share the engine's steps. `progress`: a progress bar (default: for 8 prompts or more)."""
+        different samplers share the engine's steps; None: the model's default (`registry.default_for`).
+        `progress`: a progress bar (default: for 8 prompts or more)."""
         if getattr(prompts, "ndim", None) is not None:  # a tensor or an array: one prompt per row
             single = prompts.ndim == 1  # type: ignore[union-attr]
         else:
@@ -103,6 +111,8 @@ class LLM:
         params = self._per_prompt(sampling_params, len(items), "sampling_params", SamplingParams())
         if isinstance(sampler, Sampler):
             sampler = sampler.params
+        if sampler is None:
+            sampler = registry.default_for(self.model.config)
         if isinstance(sampler, str):
             sampler = registry.make(sampler, **sampler_params)
         elif sampler_params:
@@ -167,12 +177,38 @@ class LLM:
             "cache_mode": cache_mode,
             "max_steps": max((s.max_step for s in sizes), default=None),
             "buffer_slack": max((s.buffer - s.cache for s in sizes), default=64),
+            "compile": self.compile,
         }
+        if defaults["compile"] and "max_num_seqs" not in config:
+            defaults["max_num_seqs"] = self.max_num_seqs  # one compiled engine for calls of any size
         defaults.update(config)
         # Everything waits from the start: refilling rows in groups makes the prefills batched passes (64
         # problems at 16 rows: 36 prefill passes and 11.0 s become 7 passes and 8.5 s, benchmarks/bench_lm_eval.py).
         defaults.setdefault("prefill_batch", max(1, defaults["max_num_seqs"] // 2))
+        if defaults["compile"]:
+            return self._compiled_engine(defaults)
         return Engine(self.model, self.tokenizer, self.stop_token_ids, EngineConfig(**defaults))
+
+    def _compiled_engine(self, wanted: dict[str, Any]) -> Engine:
+        """A compiled engine's graphs are specialised to its KV pool, so compiling for every call would cost more
+        than it saves: one engine per (cache mode, rows) is kept and reused while it is large enough, and replaced
+        by one sized for both the old and the new needs when it is not."""
+        key = (wanted["cache_mode"], wanted["max_num_seqs"])
+        engine = self._compiled.get(key)
+        if engine is not None:
+            have = engine.config
+            grown = {
+                name: max(v for v in (getattr(have, name), wanted[name]) if v is not None)
+                for name in ("max_model_len", "max_steps", "buffer_slack")
+                if wanted.get(name) is not None or getattr(have, name) is not None
+            }
+            if all(getattr(have, name) == value for name, value in grown.items()):
+                engine.stats = EngineStats()  # the caller reads this call's totals
+                return engine
+            wanted = {**wanted, **grown}
+        engine = Engine(self.model, self.tokenizer, self.stop_token_ids, EngineConfig(**wanted))
+        self._compiled[key] = engine
+        return engine
 
     @staticmethod
     def _per_prompt(value: Any, count: int, name: str, default: Any) -> list[Any]:

@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ from depthwave.errors import (
 from depthwave.model.config import HuginnConfig
 from depthwave.model.loading import load_model, save_model
 from depthwave.model.model import RecurrentDepthModel
+from depthwave.model.ouro import config_from_ouro, exit_pdf
 from depthwave.runtime import apply_threads, resolve_device
 from depthwave.samplers.frontend import StaticSampler
 from depthwave.samplers.static import StaticParams
@@ -85,9 +87,12 @@ TRAINING_STATE = "training_state.pt"
 # Fields that only change how a run is executed or watched, not what it computes: a resumed run may change them.
 # Precision is one of them: it changes the rounding of the forward, not the recipe, and what a machine runs fastest
 # differs (bf16 autocast is twice as fast as fp32 on a CPU with AVX512-BF16 and 5-7x slower on one without).
+# init_from is one too: a resumed run takes its weights and tokenizer from its checkpoint, so the starting model
+# only has to exist under some path (a committed run resumes from a fresh clone with the packaged one).
 RUNTIME_FIELDS = frozenset(
     {
         "out_dir",
+        "init_from",
         "device",
         "threads",
         "precision",
@@ -100,6 +105,7 @@ RUNTIME_FIELDS = frozenset(
     }
 )
 PRECISIONS = ("auto", "bf16", "fp32")
+FAMILIES = ("huginn", "ouro")
 
 
 class TrainingError(DepthwaveError, ValueError):
@@ -114,6 +120,12 @@ class TrainConfig:
     `wide` preset continues a model on the wide problems."""
 
     out_dir: str
+    family: str = "huginn"
+    """"huginn": prelude, core and coda, the core iterated a sampled number of times with the embedding injected
+    (truncated backprop). "ouro": the whole stack looped `mean_recurrence` times, every loop backpropagated, trained
+    with Ouro's objective: the expected next-token loss over the loops under the exit gate's distribution, minus
+    `entropy_weight` times that distribution's entropy (see `looped_loss`)."""
+    entropy_weight: float = 0.05
     distribution: Distribution = "classic"
     """The problems trained and validated on: "classic" (six templates, small word lists) or "wide" (many
     wordings, wide word pools, reordered two-step problems and bare arithmetic)."""
@@ -199,7 +211,7 @@ class TrainConfig:
             minimum = 1 if name in positive else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise TrainingError(f"training setting '{name}' must be an integer >= {minimum}, got {value!r}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "entropy_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise TrainingError(f"training setting '{name}' must be a number >= 0, got {value!r}")
@@ -212,6 +224,10 @@ class TrainConfig:
             raise TrainingError(f"n_heads={self.n_heads} must divide n_embd={self.n_embd} into an even head size")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise TrainingError(f"stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
+        if self.family not in FAMILIES:
+            raise TrainingError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.family == "ouro" and (self.prelude_layers or self.coda_layers):
+            raise TrainingError("an Ouro model loops its whole stack: prelude_layers and coda_layers must be 0")
         if self.precision not in PRECISIONS:
             raise TrainingError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.length_buckets > self.batch_size:
@@ -225,6 +241,23 @@ class TrainConfig:
 
     def model_config(self, tokenizer: Tokenizer) -> HuginnConfig:
         ids = special_token_ids(tokenizer)
+        if self.family == "ouro":
+            return config_from_ouro(
+                {
+                    "model_type": "ouro",
+                    "hidden_size": self.n_embd,
+                    "num_attention_heads": self.n_heads,
+                    "intermediate_size": self.intermediate_size,
+                    "vocab_size": tokenizer.get_vocab_size(),
+                    "num_hidden_layers": self.core_layers,
+                    "total_ut_steps": self.mean_recurrence,
+                    "max_position_embeddings": CONTEXT_LENGTH,
+                    "torch_dtype": "float32",
+                    "bos_token_id": ids[BEGIN_TEXT],
+                    "eos_token_id": stop_token_ids(tokenizer),
+                    "pad_token_id": ids[PAD],
+                }
+            )
         return HuginnConfig(
             n_embd=self.n_embd,
             n_heads=self.n_heads,
@@ -244,6 +277,16 @@ class TrainConfig:
         )
 
 
+# Hours on one CPU thread: two length buckets, bf16 where it is native, and frequent checkpoints and snapshots.
+_LONG_RUN: dict[str, Any] = dict(
+    length_buckets=2,
+    precision="auto",
+    eval_every=500,
+    eval_problems=64,
+    checkpoint_every=100,
+    snapshot_every=500,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The shipped built-in model: from scratch on the classic problems (3000 steps).
     "builtin": {},
@@ -255,15 +298,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         mean_recurrence=8,
         steps=6000,
         batch_size=32,
-        length_buckets=2,
         lr=2e-3,
         min_lr=2e-4,
         warmup_steps=100,
-        precision="auto",
-        eval_every=500,
-        eval_problems=64,
-        checkpoint_every=100,
-        snapshot_every=500,
+        **_LONG_RUN,
+    ),
+    # A small Ouro-architecture model (1.6M parameters: 6 layers looped 4 times, untied head) from scratch on the
+    # wide problems with Ouro's objective: a test and benchmark model for the Ouro samplers, not a second default.
+    "ouro": dict(
+        family="ouro",
+        distribution="wide",
+        prelude_layers=0,
+        core_layers=6,
+        coda_layers=0,
+        mean_recurrence=4,
+        steps=4000,
+        **_LONG_RUN,
     ),
     # A few seconds on a CPU: for tests and for checking an installation.
     "smoke": dict(
@@ -331,6 +381,24 @@ def recurrent_loss(
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def looped_loss(model: RecurrentDepthModel, inputs: Tensor, targets: Tensor, entropy_weight: float) -> Tensor:
+    """Ouro's objective over the non-ignored targets: per token, sum_t p_t * CE_t - entropy_weight * H(p), with
+    p the exit distribution of the gate over the model's loops and CE_t the next-token loss at loop t; mean over
+    tokens. Every loop is backpropagated."""
+    mask = targets.flatten() != IGNORE_INDEX
+    state = model.initial_state(model.prelude(inputs))
+    losses, gates = [], []
+    for step in range(model.config.mean_recurrence):
+        state = model.core_step(state, state, step=step)
+        logits = model.head(state).flatten(0, 1)
+        losses.append(F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"))
+        gates.append(model.exit_logits(state).flatten())
+    pdf = exit_pdf(torch.stack(gates))
+    entropy = -(pdf * pdf.clamp_min(1e-12).log()).sum(0)
+    objective = (pdf * torch.stack(losses)).sum(0) - entropy_weight * entropy
+    return objective[mask].mean()
+
+
 def length_buckets(examples: Sequence[Example], buckets: int) -> list[list[Example]]:
     """The examples sorted by length (prompt + answer) and cut into `buckets` runs of near-equal size. One bucket
     keeps the order, so a run without buckets draws each row's initial state as it always has."""
@@ -341,22 +409,17 @@ def length_buckets(examples: Sequence[Example], buckets: int) -> list[list[Examp
 
 
 def accumulate_gradients(
-    model: RecurrentDepthModel,
-    batches: Sequence[tuple[Tensor, Tensor]],
-    no_grad_steps: int,
-    grad_steps: int,
-    generator: torch.Generator,
-    bf16: bool,
+    batches: Sequence[tuple[Tensor, Tensor]], loss_of: Callable[[Tensor, Tensor], Tensor], bf16: bool
 ) -> float:
-    """Backpropagate the mean loss over all answer tokens of `batches` (micro-batches of one step, each weighted by
-    its share of the tokens) and return that loss."""
+    """Backpropagate the mean loss `loss_of(inputs, targets)` over all answer tokens of `batches` (micro-batches of
+    one step, each weighted by its share of the tokens) and return that loss."""
     device = batches[0][0].device
     counts = [int((targets != IGNORE_INDEX).sum()) for _, targets in batches]
     total = sum(counts)
     value = 0.0
     for (inputs, targets), count in zip(batches, counts, strict=True):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = recurrent_loss(model, inputs, targets, no_grad_steps, grad_steps, generator)
+            loss = loss_of(inputs, targets)
         share = count / total
         (loss * share).backward()
         value += loss.item() * share
@@ -534,6 +597,7 @@ def _clock(seconds: float) -> str:
 # Architecture fields a model given by init_from must share with the config. The depths are not among them: they
 # are how deep it is trained and run, and a continuation may train at another depth than the model runs at.
 _ARCHITECTURE = (
+    "block_type",
     "n_embd",
     "n_heads",
     "intermediate_size",
@@ -641,11 +705,8 @@ class _Run:
             (inputs.to(self.device), targets.to(self.device))
             for inputs, targets in (collate(b, self.pad_id) for b in length_buckets(examples, config.length_buckets))
         ]
-        # Drawn on the CPU so that a run samples the same depths on any device.
-        depth_generator = _step_generator(config.seed, step, 1, torch.device("cpu"))
-        depths = sample_recurrence(config.mean_recurrence, config.mean_backprop_depth, depth_generator)
-        generator = _step_generator(config.seed, step, 2, self.device)
-        loss = accumulate_gradients(self.model, batches, *depths, generator, self.precision == "bf16")
+        depths, loss_of = self._objective(step)
+        loss = accumulate_gradients(batches, loss_of, self.precision == "bf16")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -659,6 +720,19 @@ class _Run:
             export_model(self.out_dir / SNAPSHOT_DIR / f"step-{done}", self.model, self.tokenizer)
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == self.end:
             save_checkpoint(self.out_dir / CHECKPOINT_DIR, self.model, self.tokenizer, self.optimizer, config, done)
+
+    def _objective(self, step: int) -> tuple[tuple[int, int], Callable[[Tensor, Tensor], Tensor]]:
+        """This step's (steps without, with gradient) and its loss function."""
+        config, model = self.config, self.model
+        if config.family == "ouro":
+            return (0, model.config.mean_recurrence), partial(looped_loss, model, entropy_weight=config.entropy_weight)
+        # Drawn on the CPU so that a run samples the same depths on any device.
+        depth_generator = _step_generator(config.seed, step, 1, torch.device("cpu"))
+        depths = sample_recurrence(config.mean_recurrence, config.mean_backprop_depth, depth_generator)
+        generator = _step_generator(config.seed, step, 2, self.device)
+        return depths, partial(
+            recurrent_loss, model, no_grad_steps=depths[0], grad_steps=depths[1], generator=generator
+        )
 
     def _log_step(self, step: int, lr: float, grad_norm: float, depths: tuple[int, int]) -> None:
         now, loss = time.perf_counter(), self.summary.losses[-1]
@@ -737,6 +811,8 @@ _FLAG_HELP = {
     "beta2": "AdamW beta2",
     "grad_clip": "gradient-norm clip",
     "precision": "bf16 (autocast), fp32, or auto (bf16 where the hardware has it)",
+    "family": "huginn (prelude, injected core, coda) or ouro (the whole stack looped, exit gate)",
+    "entropy_weight": "ouro: weight of the exit distribution's entropy in the objective",
     "length_buckets": "micro-batches of similar length per step (less padding)",
     "snapshot_every": "export the model to snapshots/step-N every N steps (0: never)",
     "seed": "seed of init, recurrence counts and initial states",
@@ -767,7 +843,7 @@ def build_parser(prog: str = "python -m depthwave.train") -> OneLineArgumentPars
         if f.name == "out_dir":
             continue
         kind = {"str": str, "str | None": str, "Distribution": str, "float": float}.get(str(f.type), int)
-        choices = {"precision": PRECISIONS, "distribution": DISTRIBUTIONS}.get(f.name)
+        choices = {"precision": PRECISIONS, "distribution": DISTRIBUTIONS, "family": FAMILIES}.get(f.name)
         parser.add_argument(
             "--" + f.name.replace("_", "-"), type=kind, choices=choices, default=None, help=_FLAG_HELP[f.name]
         )

@@ -31,6 +31,12 @@ THREADS_HELP = (
 )
 
 
+COMPILE_HELP = (
+    "Run the decode passes as compiled graphs (torch.compile; the first start compiles for minutes on a CPU, later "
+    "ones read inductor's cache)."
+)
+
+
 class CommandError(DepthwaveError):
     """A command-line value that no library call would see (a flag combination, a path): `main` prints it as
     every user error, one line, exit status 2."""

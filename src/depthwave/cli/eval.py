@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from depthwave.cli.common import THREADS_HELP, app, parse_data
+from depthwave.cli.common import COMPILE_HELP, THREADS_HELP, app, parse_data
 
 BATCH_SIZE_HELP = "Requests per batch: each sampler runs a chunk of this many samples together (1 = one at a time)."
 EVAL_SAMPLERS_HELP = (
@@ -133,6 +133,7 @@ def eval_command(
     dtype: Annotated[str, typer.Option()] = "auto",
     threads: Annotated[int | None, typer.Option(help=THREADS_HELP + " Per process with --workers.")] = None,
     batch_size: Annotated[int, typer.Option(help=BATCH_SIZE_HELP)] = 64,
+    compile: Annotated[bool, typer.Option(help=COMPILE_HELP)] = False,
 ) -> None:
     """Evaluate samplers on benchmark tasks: the paper's table of accuracy and tokens/s."""
     from depthwave.eval.harness import EvalSettings, run_eval
@@ -154,6 +155,7 @@ def eval_command(
         dtype=dtype,
         threads=threads,
         batch_size=batch_size,
+        compile=compile,
     )
     summary = _run_with_progress(
         settings,

@@ -9,7 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
-from depthwave.cli.common import THREADS_HELP, CommandError, app, check_writable_file, parse_ids, with_sampler_flags
+from depthwave.cli.common import (
+    COMPILE_HELP,
+    THREADS_HELP,
+    CommandError,
+    app,
+    check_writable_file,
+    parse_ids,
+    with_sampler_flags,
+)
 from depthwave.engine.output import TextStream
 from depthwave.engine.selection import SamplingParams
 
@@ -40,8 +48,12 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Render the prompt with the model's chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
     sampler: Annotated[
-        str, typer.Option(help="diffusion (the paper's defaults), static, adaptive or speculative.")
-    ] = "diffusion",
+        str | None,
+        typer.Option(
+            help="diffusion (the paper's defaults), static, adaptive or speculative; default: diffusion, or static "
+            "for Ouro models."
+        ),
+    ] = None,
     trace_out: Annotated[
         Path | None, typer.Option(help="diffusion: record a per-step trace; write PNG here and JSON beside it.")
     ] = None,
@@ -59,6 +71,7 @@ def generate(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (the config's), float32, bfloat16, float16.")] = "auto",
     threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
+    compile: Annotated[bool, typer.Option(help=COMPILE_HELP)] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object: tokens, text, stats.")] = False,
     stream: Annotated[bool, typer.Option(help="Stream text to the terminal as it is generated.")] = True,
     *,
@@ -73,7 +86,7 @@ def generate(
     if system is not None and not chat:
         raise CommandError("--system is a chat message; add --chat")
     if trace_out is not None:
-        if sampler != "diffusion":
+        if sampler not in (None, "diffusion"):
             raise CommandError("--trace-out records the diffusion sampler's steps; use it with --sampler diffusion")
         check_writable_file(trace_out, "--trace-out")
         sampler_flags["trace"] = True
@@ -90,12 +103,14 @@ def generate(
         seed=seed,
         top_p_rule=top_p_rule,  # type: ignore[arg-type]
     )
-    llm = LLM(model, device=device, dtype=dtype, threads=threads)
+    llm = LLM(model, device=device, dtype=dtype, threads=threads, compile=compile)
     one_prompt = llm.sampler(sampler, **sampler_flags)
+    if compile:
+        warm_up(llm)
     ids = llm.encode(prompt if prompt is not None else parse_ids(prompt_ids or "", "--prompt-ids"), chat, system)
     streamer = _TextStreamer(llm.tokenizer, params.stop) if stream and not json_output else None
     result = one_prompt.generate(ids, params, on_token=streamer)
-    record = {"model": model, "sampler": sampler, **result.to_dict()}
+    record = {"model": model, "sampler": one_prompt.params.name, **result.to_dict()}
     if trace_out is not None:
         trace_out.parent.mkdir(parents=True, exist_ok=True)
         trace_out.with_suffix(".json").write_text(json.dumps(record))
@@ -108,6 +123,14 @@ def generate(
     else:
         streamer.finish(result.text)
     typer.echo(f"[{result.finish_reason}; {result.stats.summary()}]", err=True)
+
+
+def warm_up(llm: Any) -> None:
+    """Compile the graphs a one-row engine reaches, with a progress bar, and say how long it took."""
+    from depthwave.engine import Engine, EngineConfig
+
+    engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, EngineConfig(max_num_seqs=1, compile=True))
+    typer.echo(f"[compiled in {engine.warmup(progress=True):.1f} s]", err=True)
 
 
 def render_trace(record: dict[str, Any], png: Path) -> None:

@@ -6,7 +6,14 @@ from typing import Annotated, Any
 
 import typer
 
-from depthwave.cli.common import THREADS_HELP, CommandError, app, check_listen_address, with_sampler_flags
+from depthwave.cli.common import (
+    COMPILE_HELP,
+    THREADS_HELP,
+    CommandError,
+    app,
+    check_listen_address,
+    with_sampler_flags,
+)
 
 
 @app.command()
@@ -15,7 +22,14 @@ def serve(
     model: Annotated[str, typer.Option(help="'builtin', a model folder or a hub id.")] = "builtin",
     host: Annotated[str, typer.Option(help="Interface to listen on (loopback unless told otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
-    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DEPTHWAVE_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on /v1. Prefer the environment variable: `ps` shows flags.",
+        ),
+    ] = None,
     served_model_name: Annotated[str | None, typer.Option(help="The model id clients use (default: --model).")] = None,
     sampler: Annotated[
         str, typer.Option(help="The default sampler; the sampler flags set its parameters (--inner-recurrence 8).")
@@ -30,10 +44,14 @@ def serve(
             help="Hold newcomers until the oldest waited this many prefill-pass times, so prefills batch (0: at once)."
         ),
     ] = 4.0,
-    max_waiting: Annotated[int, typer.Option(help="Waiting requests before new ones get 429.")] = 256,
+    max_waiting: Annotated[int, typer.Option(help="Waiting requests before new ones get 429 with Retry-After.")] = 256,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1 << 20,
-    shutdown_grace: Annotated[float, typer.Option(help="Seconds running requests get to finish on SIGTERM.")] = 30.0,
+    shutdown_grace: Annotated[
+        float,
+        typer.Option(help="Seconds running requests get to finish on SIGTERM (new and waiting ones get 503)."),
+    ] = 30.0,
     threads: Annotated[int | None, typer.Option(help=THREADS_HELP + " Per replica with --replicas.")] = None,
+    compile: Annotated[bool, typer.Option(help=COMPILE_HELP + " /health answers 200 after it.")] = False,
     replicas: Annotated[
         int, typer.Option(help="Engine replicas behind Ray Serve's HTTP proxy (one GPU each on CUDA); 0: no Ray.")
     ] = 0,
@@ -48,17 +66,21 @@ def serve(
     (default shared); a request may choose its own sampler with the body field `sampler` and the parameters'
     names (`extra_body` in the openai client)."""
     try:
-        import uvicorn
-
         from depthwave.samplers import registry
-        from depthwave.serve.app import ServeSettings, create_app
+        from depthwave.serve.app import ServeSettings, is_loopback, serve_http
     except ImportError as exc:
         raise CommandError(f"the server needs the serve extra (pip install 'depthwave[serve]'): {exc}") from None
     if threads is not None and threads < 1:
         raise CommandError(f"--threads must be >= 1, got {threads}")
     if replicas < 0:
         raise CommandError(f"--replicas must be >= 0, got {replicas}")
+    if shutdown_grace < 0:
+        raise CommandError(f"--shutdown-grace must be >= 0, got {shutdown_grace}")
     check_listen_address(host, port)
+    if api_key is None and not is_loopback(host):
+        typer.echo(
+            f"depthwave: warning: serving on {host} without an API key: anyone who can reach it may use it", err=True
+        )
     cache_mode = sampler_flags.pop("cache_mode", "shared")
     settings = ServeSettings(
         model=model,
@@ -74,6 +96,7 @@ def serve(
         max_waiting=max_waiting,
         max_body_bytes=max_body_bytes,
         threads=threads,
+        compile=compile,
     )
     typer.echo(f"depthwave: serving {settings.name} on http://{host}:{port}/v1 (default sampler {sampler})", err=True)
     if replicas:
@@ -81,10 +104,4 @@ def serve(
 
         serve_replicas(settings, replicas, host, port, threads, ray_address, shutdown_grace)
         return
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level="warning",
-        timeout_graceful_shutdown=max(1, round(shutdown_grace)),
-    )
+    serve_http(settings, host, port, shutdown_grace)

@@ -45,6 +45,7 @@ from depthwave.engine.request import GenerationResult, Request, StepOutput
 from depthwave.engine.scheduler import Scheduler
 from depthwave.engine.selection import Choice, SamplingParams, select_tokens
 from depthwave.errors import InvalidParameterError, PromptError, is_int, require
+from depthwave.model.compiled import CompiledModel
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode, KVPool
 from depthwave.model.model import RecurrentDepthModel
@@ -77,6 +78,9 @@ class EngineConfig:
     buffer_slack: int = 64
     admission_delay: float = 0.0
     prefill_batch: int = 1
+    compile: bool = False
+    """Run the decode passes' prelude, recurrences and coda as compiled graphs (`depthwave.model.compiled`):
+    faster where per-op overhead dominates (small batches), the same tokens to float tolerance."""
 
     def __post_init__(self) -> None:
         def positive(name: str, allow_none: bool = True) -> None:
@@ -92,6 +96,7 @@ class EngineConfig:
         ok = isinstance(self.admission_delay, int | float) and 0 <= self.admission_delay < float("inf")
         require(ok, "admission_delay", self.admission_delay, "a finite number >= 0")
         positive("prefill_batch", allow_none=False)
+        require(isinstance(self.compile, bool), "compile", self.compile, "true or false")
         require(self.cache_mode in CACHE_MODES, "cache_mode", self.cache_mode, f"one of {CACHE_MODES}")
 
 
@@ -250,12 +255,23 @@ class Engine:
         buffer_len = self.max_model_len + config.buffer_slack
         self.buffers = RowBuffers(mc, config.max_num_seqs, buffer_len, model.device, model.dtype)
         self.ctx = EngineContext(model, self.pool, self.buffers, tokenizer, tuple(stop_token_ids))
+        self.stages: RecurrentDepthModel | CompiledModel = model
+        if config.compile:
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            self.stages = CompiledModel(model, self.pool, mode)
         budget = config.max_cached_positions or config.max_num_seqs * self.max_model_len
         self.scheduler = Scheduler(config.max_num_seqs, self.max_model_len, buffer_len, budget)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._last_prefill_s = 0.0
         self._aborted: list[StepOutput] = []
+
+    def warmup(self, progress: bool = False) -> float:
+        """With `compile`, compile every graph this engine's passes can reach before any request runs (one row,
+        and from two on); returns the seconds it took (0 without `compile`)."""
+        if not isinstance(self.stages, CompiledModel):
+            return 0.0
+        return self.stages.warmup(rows=(1, 2) if self.config.max_num_seqs > 1 else (1,), progress=progress)
 
     # ---- requests -----------------------------------------------------------------------------------------
     def add_request(
@@ -385,15 +401,18 @@ class Engine:
         seed = request.sampling.seed
         request.generator = None if seed is None else torch.Generator(self.model.device).manual_seed(seed)
         self.buffers.reset(request.row, request.prompt_token_ids)
-        request.policy = request.sampler.policy_class()(request, self.ctx)
+        request.policy = request.sampler.policy_class().for_model(self.model.config)(request, self.ctx)
         request.policy.start()
 
     def _leave(self, request: Request) -> None:
+        freed = request.row
         move = self.scheduler.leave(request)
         if move is not None:
             source, target = move
             self.pool.move_row(source, target)
             self.buffers.move(source, target)
+            freed = source  # the last live row moved into the leaver's
+        self.pool.set_length(freed, 0)
 
     def _finished_output(self, request: Request, fresh: list[int]) -> StepOutput:
         request.finish_time = time.perf_counter()
@@ -450,17 +469,19 @@ class Engine:
 
     def _run(self, plan: Plan, prefill: bool) -> PassResult:
         """Prelude, the samplers' input mixing, the recurrences, coda, head and token choice, for all rows."""
-        model, buffers, pool, at, chunks = self.model, self.buffers, self.pool, plan.at, plan.chunks
+        buffers, pool, at, chunks = self.buffers, self.pool, plan.at, plan.chunks
         self._write_initial_states(plan.requests, chunks)
         ids = buffers.gather(buffers.tokens, at)
         wave_in = buffers.gather(buffers.states, at)
-        embedded, wave = model.prelude(ids, at, pool), wave_in
+        embedded = self.stages.prelude(ids, at, pool)
+        wave_in = self.model.start_states(wave_in, embedded, lambda: self._fresh(at, chunks))
+        wave = wave_in
         for cls, members in plan.groups:
             embedded, wave = cls.mix_inputs(members, embedded, wave, at)
         wave_out, steps = self._recur(wave, embedded, at, chunks)
         buffers.scatter(buffers.states, at, wave_out)
         self._count(at, chunks, steps)
-        coda_out, latents = model.coda(wave_out, at, pool)
+        coda_out, latents = self.stages.coda(wave_out, at, pool)
         logits, logit_rows = self._logits(coda_out, at, chunks)
         tokens = None
         if logits is not None and any(c.select for c in chunks):
@@ -497,6 +518,12 @@ class Engine:
             if request.first_token_time is None and request.output is not None and request.output.tokens:
                 request.first_token_time = now
 
+    def _fresh(self, at: Positions, chunks: list[Chunk]) -> Tensor:
+        """[B, S] the pass's positions that start fresh: a chunk's given initial states, or no recurrence yet."""
+        counts = self.buffers.gather(self.buffers.counts, at)
+        given = torch.tensor([c.init is not None for c in chunks], device=counts.device)[:, None]
+        return given | (counts == 0)
+
     def _write_initial_states(self, requests: list[Request], chunks: list[Chunk]) -> None:
         states = self.buffers.states
         for request, chunk in zip(requests, chunks, strict=True):
@@ -505,7 +532,7 @@ class Engine:
 
     def _recur(self, wave: Tensor, embedded: Tensor, at: Positions, chunks: list[Chunk]) -> tuple[Tensor, list[int]]:
         """Each row's recurrences; a row leaves the batch after its depth or when its exit rule fires."""
-        model, pool = self.model, self.pool
+        pool = self.pool
         batch = len(chunks)
         depth = [c.depth for c in chunks]
         steps = [0] * batch
@@ -515,7 +542,8 @@ class Engine:
         computed = list(range(batch))  # the rows `state` holds, in order
         full, state, e, step_at = wave, wave, embedded, at
         index: Tensor | None = None
-        for i in range(max(depth, default=0)):
+        i, deepest = 0, max(depth, default=0)
+        while i < deepest:
             live = [b for b in live if depth[b] > i]
             if not live:
                 break
@@ -531,9 +559,13 @@ class Engine:
             current = step_at
             if any((h := hiding[b]) is not None and i >= h for b in computed):
                 current = self._hidden(step_at, computed, chunks, i)
-            state = model.core_step(state, e, current, pool, i)
+            # Without exit checks, the recurrences every row still runs go in one call (a compiled stage runs them
+            # as one graph); an exit rule or hidden keys need a check after each.
+            checked = exits or any(h is not None for h in hiding)
+            run = 1 if checked else min(depth[b] for b in computed) - i
+            state = self.stages.recur(state, e, run, current, pool, i)
             for b in computed:
-                steps[b] += 1
+                steps[b] += run
             for group, members in exits:
                 here = [(k, members[b]) for k, b in enumerate(computed) if b in members]
                 if here:
@@ -541,6 +573,7 @@ class Engine:
                     fired = group.check(i, [m for _, m in here], rows)
                     gone = {computed[k] for (k, _), exit_now in zip(here, fired, strict=True) if exit_now}
                     live = [b for b in live if b not in gone]
+            i += run
         if index is not None:
             full = full.index_copy(0, index, state)
         elif state is not full:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -44,7 +44,7 @@ class SamplerParams(Protocol):
 def sizing(params: SamplerParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:
     """What a request may use at most (its policy's `size`); raises InvalidParameterError for a combination that
     cannot run. The one place a request is sized: the engine at admission, `LLM` for its engines, the front end."""
-    return params.policy_class().size(params, prompt_len, sampling, config)
+    return params.policy_class().for_model(config).size(params, prompt_len, sampling, config)
 
 
 @dataclass
@@ -125,8 +125,12 @@ class PassResult:
     steps: list[int]
     """Recurrences each row ran."""
     prefill: bool
+    own_tokens: dict[int, Tensor] = field(default_factory=dict)
+    """Tokens a sampler chose itself in `prepare` (its chunks with `select` off), by request index in the pass."""
 
     def tokens_of(self, index: int) -> Tensor:
+        if index in self.own_tokens:
+            return self.own_tokens[index]
         assert self.tokens is not None
         return self.tokens[self.logit_rows[index]]
 
@@ -171,6 +175,12 @@ class Policy(ABC):
         self.request = request
         self.ctx = ctx
         self.done = False
+
+    @classmethod
+    def for_model(cls, config: HuginnConfig) -> type[Policy]:
+        """The policy that runs this sampler on a model of `config`'s family: this one, unless a family needs its
+        own (the diffusion sampler on a looped stack)."""
+        return cls
 
     # ---- sizing (before admission) -----------------------------------------------------------------------
     @staticmethod

@@ -21,6 +21,10 @@ from depthwave.errors import is_int, is_number, require
 TopPRule = Literal["standard", "reference"]
 
 
+TINY = 1e-6
+"""The smallest temperature, top_p and repetition_penalty accepted (the server refuses the same)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How tokens are chosen from logits, and when generation ends (the shape of vLLM's `SamplingParams`).
@@ -48,16 +52,17 @@ class SamplingParams:
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        finite = is_number(self.temperature) and 0 <= self.temperature < float("inf")
-        require(finite, "temperature", self.temperature, "a finite number >= 0")
+        # Below TINY a value rounds to 0 in the fp32 step (a division by zero there would fail the whole batch).
+        finite = is_number(self.temperature) and (self.temperature == 0 or TINY <= self.temperature < float("inf"))
+        require(finite, "temperature", self.temperature, f"0 (greedy) or a finite number >= {TINY}")
         require(is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
-        require(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        require(is_number(self.top_p) and TINY <= self.top_p <= 1, "top_p", self.top_p, f"in [{TINY}, 1]")
         require(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
         require(
-            is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+            is_number(self.repetition_penalty) and self.repetition_penalty >= TINY,
             "repetition_penalty",
             self.repetition_penalty,
-            "> 0",
+            f">= {TINY}",
         )
         require(
             is_int(self.max_new_tokens) and self.max_new_tokens >= 1,

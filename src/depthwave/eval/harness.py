@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from depthwave.engine.selection import SamplingParams
 from depthwave.errors import DepthwaveError, InvalidParameterError, make_output_folder
 from depthwave.eval.tasks import Sample, Task, get_task
 from depthwave.samplers.registry import SamplerSpec
@@ -61,6 +62,8 @@ class EvalSettings:
     dtype: str = "auto"
     threads: int | None = None
     batch_size: int = 64
+    compile: bool = False
+    """Compiled decode passes (`EngineConfig.compile`): the same tokens to float tolerance, a speed setting."""
 
     def __post_init__(self) -> None:
         # Checked here, before a run writes settings.json, so that a corrected rerun is not refused.
@@ -69,8 +72,7 @@ class EvalSettings:
             require_int(self.threads, "threads")
         if self.max_new_tokens is not None:
             require_int(self.max_new_tokens, "max_new_tokens")
-        if not (isinstance(self.temperature, int | float) and 0 <= self.temperature < float("inf")):
-            raise InvalidParameterError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        SamplingParams(temperature=self.temperature)  # SamplingParams' own check, before anything is written
         if self.device is not None:
             from depthwave.runtime import resolve_device
 
@@ -101,7 +103,7 @@ class EvalSettings:
         """What must match for a resumed run to continue an earlier one (not device, threads, batch size or limit:
         they change the speed, not the results)."""
         out = self.to_dict()
-        for key in ("device", "threads", "limit", "batch_size"):
+        for key in ("device", "threads", "limit", "batch_size", "compile"):
             out.pop(key, None)
         return out
 
@@ -124,6 +126,7 @@ class Evaluator:
             dtype=dtype,
             max_num_seqs=settings.batch_size,
             threads=settings.threads,
+            compile=settings.compile,
         )
         self.tasks: dict[str, Task] = {name: get_task(name) for name in settings.tasks}
         self.samplers = {spec.label: spec.build() for spec in settings.samplers}

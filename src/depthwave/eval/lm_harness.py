@@ -92,25 +92,33 @@ class DepthwaveLM(TemplateLM):
         device: str | None = None,
         dtype: str | None = None,
         batch_size: int | str = 16,
-        sampler: str = "diffusion",
+        sampler: str | None = None,
         num_steps: int | None = None,
         seed: int = 0,
         max_gen_toks: int = 256,
         max_batch_size: int | None = None,
         threads: int | None = None,
+        compile: bool | str = False,
         **sampler_params: Any,
     ) -> None:
         super().__init__()
         self.batch_size = _batch_size(batch_size, max_batch_size)
         dtype = None if dtype in (None, "auto") else dtype
-        self.llm = LLM(str(pretrained), device=device, dtype=dtype, threads=None if threads is None else int(threads))
+        compiled = compile if isinstance(compile, bool) else str(compile).lower() in ("1", "true", "yes")
+        self.llm = LLM(
+            str(pretrained),
+            device=device,
+            dtype=dtype,
+            threads=None if threads is None else int(threads),
+            compile=compiled,
+        )
         self.llm.max_num_seqs = self.batch_size
         if self.llm.tokenizer is None:
             raise InvalidParameterError(f"{pretrained} has no tokenizer.json; lm-eval works on text")
         self.pretrained = str(pretrained)
-        self.sampler_name = sampler
+        self.sampler_name = sampler or registry.default_for(self.llm.model.config)  # diffusion; Ouro: static
         self.sampler_defaults = dict(sampler_params)
-        registry.make(sampler, **sampler_params)  # checked now, so that a typo fails before any task runs
+        registry.make(self.sampler_name, **sampler_params)  # checked now, so that a typo fails before any task runs
         self.num_steps = num_steps
         self.seed = seed
         self.max_gen_toks = max_gen_toks

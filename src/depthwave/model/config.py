@@ -42,9 +42,10 @@ _INFORMATIONAL = (
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
-BLOCK_TYPES = ("sandwich", "llama", "olmo2")
+BLOCK_TYPES = ("sandwich", "llama", "olmo2", "ouro")
 """sandwich: Huginn's block (four norms); llama: pre-norm (two norms); olmo2: a norm on each branch's output and
-RMSNorms on the full q and k projections."""
+RMSNorms on the full q and k projections; ouro: a norm before and after each branch (four norms), in a model whose
+whole stack is the loop (see `depthwave.model.ouro`)."""
 ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -183,14 +184,21 @@ class HuginnConfig:
 
     @property
     def family(self) -> str:
-        """ "huginn" (sandwich blocks) or "retrofit" (Llama / OLMo-2 blocks)."""
-        return "huginn" if self.block_type == "sandwich" else "retrofit"
+        """ "huginn" (sandwich blocks), "retrofit" (Llama / OLMo-2 blocks) or "ouro" (ByteDance's LoopLMs)."""
+        return {"sandwich": "huginn", "ouro": "ouro"}.get(self.block_type, "retrofit")
+
+    @property
+    def looped_stack(self) -> bool:
+        """Ouro: no prelude, coda or injection. The recurrence is the whole stack followed by ln_f, its state is that
+        normed output, it starts from the raw embedding, and the head reads the state without another norm. An exit
+        gate on each recurrence's state gives the per-token exit distribution."""
+        return self.block_type == "ouro"
 
     @property
     def rope_style(self) -> str:
         """ "pairs": Huginn rotates adjacent pairs (x_2i, x_2i+1) in fp32; "half": transformers' Llama rotates
         (x_i, x_i+h/2) in the activation dtype."""
-        return "pairs" if self.block_type == "sandwich" else "half"
+        return "pairs" if self.block_type == "sandwich" else "half"  # Ouro: transformers' layout, like Llama
 
     @property
     def rope_frequency_base(self) -> float:
@@ -248,16 +256,21 @@ class HuginnConfig:
     def num_parameters(self) -> int:
         d, i, v = self.n_embd, self.intermediate_size, self.vocab_size
         kv = 2 * self.kv_heads * self.head_dim
-        norms = {"sandwich": 4 * d, "llama": 2 * d, "olmo2": 2 * d + d + kv // 2}[self.block_type]
+        norms = {"sandwich": 4 * d, "ouro": 4 * d, "llama": 2 * d, "olmo2": 2 * d + d + kv // 2}[self.block_type]
         per_block = 2 * d * d + kv * d + 3 * i * d + norms + (2 * d if self.qk_bias else 0)
         head = 0 if self.tie_embeddings else v * d
-        return self.num_layers * per_block + v * d + head + 2 * d * d + (d if self.bias else 0) + d
+        joint = d + 1 if self.looped_stack else 2 * d * d + (d if self.bias else 0)  # exit gate, or adapter
+        return self.num_layers * per_block + v * d + head + joint + d
 
     # ---- (de)serialisation ----------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> HuginnConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"a model config must be a JSON object, got {type(raw).__name__}")
+        if raw.get("model_type") == "ouro":
+            from depthwave.model.ouro import config_from_ouro
+
+            return config_from_ouro(raw)
         known = {f.name for f in fields(cls)} - {"extra"}
         values: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -302,6 +315,10 @@ class HuginnConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The official field names (plus the derived ones the reference writes), loadable by the reference."""
+        if self.looped_stack:
+            from depthwave.model.ouro import ouro_config_dict
+
+            return ouro_config_dict(self)
         skip = ("extra", "block_type")
         out = {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
         out.update({k: v for k, v in self.extra.items() if k in _INFORMATIONAL})

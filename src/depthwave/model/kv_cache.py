@@ -63,8 +63,8 @@ class KVPool:
         self._coda_base = self.prelude_layers + core_slots
         self.num_slots = self._coda_base + config.n_layers_in_coda
         shape = (self.num_slots, rows, config.kv_heads, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys = _offset_zeros(shape, device, dtype)
+        self.values = _offset_zeros(shape, device, dtype)
         # Per-slot views, so a write indexes once instead of twice.
         self._key_slots = self.keys.unbind(0)
         self._value_slots = self.values.unbind(0)
@@ -107,6 +107,33 @@ class KVPool:
         values.view(rows * heads * length, width).index_copy_(0, index, value.reshape(-1, width))
         return keys[at.rows, :, : at.length], values[at.rows, :, : at.length]
 
+    def cached(self, slot: int, rows: slice | Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Each row's K/V [B, G, length, h] of positions 0..length-1: views for a slice of rows; for an index, copies
+        of the rows laid out as the views are (one compiled graph serves both)."""
+        keys, values = self._key_slots[slot], self._value_slots[slot]
+        if isinstance(rows, slice):
+            return keys[rows, :, :length], values[rows, :, :length]
+        # Laid out as the views are (ordinary tensors, not inference ones; an offset storage, full-length rows):
+        # a compiled graph's guards tell those apart.
+        with torch.inference_mode(False):
+            picked = []
+            for source in (keys, values):
+                out = _offset_zeros((len(rows), *source.shape[1:]), source.device, source.dtype)
+                torch.index_select(source, 0, rows, out=out)
+                picked.append(out[:, :, :length])
+            return picked[0], picked[1]
+
+    def write_fresh(self, slot: int, at: Positions, key: Tensor, value: Tensor) -> None:
+        """Store the K/V [N, G, h] of a call's N real queries (in `at`'s write order), computed elsewhere (the
+        compiled pass)."""
+        if at.length > self.max_length:
+            raise InvalidParameterError(f"position {at.length - 1} is beyond the cache's max_length={self.max_length}")
+        keys, values = self._key_slots[slot], self._value_slots[slot]
+        rows, heads, length, width = keys.shape
+        index = at.flat_writes(heads, length)
+        keys.view(rows * heads * length, width).index_copy_(0, index, key.reshape(-1, width))
+        values.view(rows * heads * length, width).index_copy_(0, index, value.reshape(-1, width))
+
     def set_length(self, row: int, length: int) -> None:
         """The row's first `length` positions are final (after a call wrote up to there, or a rollback)."""
         if not 0 <= length <= self.max_length:
@@ -135,3 +162,16 @@ class KVPool:
     @property
     def allocated_bytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
+
+
+OFFSET = 16
+"""Elements before a pool's first: every view of the pool starts at a storage offset of at least this, so that a
+compiled graph, for which a view's offset is a dynamic value, meets no offset of 0 or 1 (which dynamo would
+specialise on). 16 elements keep 64-byte alignment."""
+
+
+def _offset_zeros(shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    numel = 1
+    for size in shape:
+        numel *= size
+    return torch.zeros(OFFSET + numel, device=device, dtype=dtype)[OFFSET:].view(shape)

@@ -1,9 +1,11 @@
 """The building blocks of a recurrent-depth model: RMSNorm, RoPE in its two conventions, grouped-query attention
-(with Huginn's learned q/k bias or OLMo-2's q/k norms), gated MLP, and the three block types: Huginn's sandwich
-block (four norms), the Llama pre-norm block and the OLMo-2 block (norms on the branch outputs).
+(with Huginn's learned q/k bias or OLMo-2's q/k norms), gated MLP, and the four block types: Huginn's sandwich
+block (four norms), the Llama pre-norm block, the OLMo-2 block (norms on the branch outputs) and Ouro's (norms on
+both sides of each branch).
 
 Module and parameter names match the official checkpoint keys (`norm_1`, `attn.Wqkv`, `attn.qk_bias`,
-`attn.q_norm`, ...), so a state dict loads without renaming.
+`attn.q_norm`, ...), so a state dict loads without renaming (Ouro's keys are mapped at load, see
+`depthwave.model.ouro`).
 """
 
 from __future__ import annotations
@@ -108,6 +110,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, is_causal: b
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=is_causal)
 
 
+def prefix_attention(
+    q: Tensor, k_new: Tensor, v_new: Tensor, k_old: Tensor, v_old: Tensor, old_bias: Tensor, new_bias: Tensor
+) -> Tensor:
+    """Attention of q [B, H, S, h] over two key sets: the cache's keys k_old, v_old [B, G, T, h] (positions before
+    each row's chunk, `old_bias` [B, 1, 1 or S, T]) and the chunk's own k_new, v_new [B, G, S, h] (`new_bias`
+    [B, 1, S, S]: causal, padding hidden). One fp32 softmax over both, as a single attention over the cache after
+    the chunk's write would give, without writing or reading the cache in between (the compiled pass)."""
+    groups = q.shape[1] // k_new.shape[1]
+    if groups > 1:
+        k_new, v_new, k_old, v_old = (t.repeat_interleave(groups, dim=1) for t in (k_new, v_new, k_old, v_old))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.cat(
+        (
+            torch.matmul(q, k_old.transpose(-1, -2)) * scale + old_bias,
+            torch.matmul(q, k_new.transpose(-1, -2)) * scale + new_bias,
+        ),
+        dim=-1,
+    )
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    split = k_old.shape[2]
+    return torch.matmul(weights[..., :split], v_old) + torch.matmul(weights[..., split:], v_new)
+
+
 def prefers_matmul_attention(q: Tensor) -> bool:
     """On CPU, SDPA in bf16/fp16 is several times slower than two matmuls and a softmax for more than one query.
     In fp32 it is up to 2.7x slower on a batch of four or more sequences with 16 query rows in all (an engine pass
@@ -151,6 +176,15 @@ class CausalSelfAttention(nn.Module):
         self.fused = self.kv_heads == self.n_heads and self.q_norm is None
 
     def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
+        q, k, v = self.project(x, at.rotation)
+        if cache is not None:
+            k, v = cache.write(slot, at, k, v)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        return self.output(attention(q, k, v, at.bias, at.is_causal))
+
+    def project(self, x: Tensor, rotation: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, S, h] and k, v [B, S, G, h] of x [B, S, D], with the q/k bias or norms and RoPE applied."""
         batch, seq, _ = x.shape
         qkv = F.linear(x, self.Wqkv.weight)
         if self.fused:
@@ -158,7 +192,7 @@ class CausalSelfAttention(nn.Module):
             qk = qkv[:, :, :2]
             if self.qk_bias is not None:
                 qk = qk + self.qk_bias.view(2, self.n_heads, self.head_dim)
-            qk = self.rotate(qk, at.rotation)
+            qk = self.rotate(qk, rotation)
             q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]
         else:
             kv_width = self.kv_heads * self.head_dim
@@ -169,14 +203,13 @@ class CausalSelfAttention(nn.Module):
             k = k.view(batch, seq, self.kv_heads, self.head_dim)
             if self.qk_bias is not None:  # config validation: only with as many k heads as q heads
                 q, k = q + self.qk_bias[0], k + self.qk_bias[1]
-            rotation = at.rotation[:, :, 0]
-            q, k = self.rotate(q, rotation), self.rotate(k, rotation)
+            q, k = self.rotate(q, rotation[:, :, 0]), self.rotate(k, rotation[:, :, 0])
             v = v.view(batch, seq, self.kv_heads, self.head_dim)
-        if cache is not None:
-            k, v = cache.write(slot, at, k, v)
-        else:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
-        out = attention(q.transpose(1, 2), k, v, at.bias, at.is_causal)
+        return q.transpose(1, 2), k, v
+
+    def output(self, out: Tensor) -> Tensor:
+        """The heads' outputs [B, H, S, h] concatenated and projected to [B, S, D]."""
+        batch, _, seq, _ = out.shape
         return F.linear(out.transpose(1, 2).reshape(batch, seq, -1), self.proj.weight)
 
 
@@ -192,7 +225,8 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
-    """What every block type has: a norm and attention, a norm and the MLP. Subclasses say where the norms act."""
+    """What every block type has: a norm and attention, a norm and the MLP. Subclasses say where the norms act
+    (`mix`), whatever computes the attention branch: the cached call (`forward`) or the compiled pass's."""
 
     def __init__(self, config: HuginnConfig) -> None:
         super().__init__()
@@ -200,6 +234,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = GatedMLP(config.n_embd, config.intermediate_size)
+
+    def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
+        """`slot`: the cache slot this call of the block writes (a core layer has one per recurrence step)."""
+        return self.mix(x, lambda h: self.attn(h, at, cache, slot))
+
+    def mix(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
+        raise NotImplementedError
 
 
 class SandwichBlock(Block):
@@ -210,17 +251,16 @@ class SandwichBlock(Block):
         self.norm_3 = RMSNorm(config.n_embd, config.norm_eps)
         self.norm_4 = RMSNorm(config.n_embd, config.norm_eps)
 
-    def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
-        """`slot`: the cache slot this call of the block writes (a core layer has one per recurrence step)."""
-        x = self.norm_2(x + self.attn(self.norm_1(x), at, cache, slot))
+    def mix(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
+        x = self.norm_2(x + attend(self.norm_1(x)))
         return self.norm_4(x + self.mlp(self.norm_3(x)))
 
 
 class LlamaBlock(Block):
     """Llama: pre-norms on the branch inputs, the residual stream itself never normalised."""
 
-    def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
-        x = x + self.attn(self.norm_1(x), at, cache, slot)
+    def mix(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
+        x = x + attend(self.norm_1(x))
         return x + self.mlp(self.norm_2(x))
 
 
@@ -228,9 +268,22 @@ class Olmo2Block(Block):
     """OLMo-2: the raw stream enters each branch and the norms act on the branch outputs (the q/k norms live in the
     attention)."""
 
-    def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
-        x = x + self.norm_1(self.attn(x, at, cache, slot))
+    def mix(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
+        x = x + self.norm_1(attend(x))
         return x + self.norm_2(self.mlp(x))
 
 
-BLOCKS: dict[str, type[Block]] = {"sandwich": SandwichBlock, "llama": LlamaBlock, "olmo2": Olmo2Block}
+class OuroBlock(SandwichBlock):
+    """Ouro: a norm on each branch's input and on its output; the residual stream itself is never normalised."""
+
+    def mix(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
+        x = x + self.norm_2(attend(self.norm_1(x)))
+        return x + self.norm_4(self.mlp(self.norm_3(x)))
+
+
+BLOCKS: dict[str, type[Block]] = {
+    "sandwich": SandwichBlock,
+    "llama": LlamaBlock,
+    "olmo2": Olmo2Block,
+    "ouro": OuroBlock,
+}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from depthwave.errors import CheckpointError, DepthwaveError
 from depthwave.hub import quiet_hub
 from depthwave.model.config import HuginnConfig
 from depthwave.model.model import RecurrentDepthModel
+from depthwave.model.ouro import checkpoint_shapes, from_checkpoint, to_checkpoint
 
 # The RoPE table the reference stores as a persistent buffer; depthwave recomputes it in fp32.
 IGNORED_KEYS = frozenset({"freqs_cis"})
@@ -189,7 +190,8 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
 ) -> RecurrentDepthModel:
-    """Load a recurrent-depth checkpoint (Huginn, or a retrofitted Llama / OLMo-2: the keys tell) in eval mode.
+    """Load a recurrent-depth checkpoint (Huginn, or a retrofitted Llama / OLMo-2: the keys tell; or Ouro, named by
+    its config.json) in eval mode.
 
     `dtype` defaults to the config's `torch_dtype`. Tensors are read one at a time from the memory-mapped files
     and converted straight into the model, so no second full copy of the weights is made."""
@@ -199,17 +201,18 @@ def load_model(
     device = torch.device(device)
     files = checkpoint_files(folder)
     found = _shapes(files)
-    config = replace(config, block_type=detect_block_type(found, folder))
+    if not config.looped_stack:  # Ouro's config.json names its family; the others' keys tell
+        config = replace(config, block_type=detect_block_type(found, folder))
     with torch.device("meta"):
         model = RecurrentDepthModel(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_keys(expected, found, config.tie_embeddings, folder)
-
-    state: dict[str, torch.Tensor] = {}
-    for path, keys in _group_by_file(files, found.keys() - IGNORED_KEYS):
-        with _open_safetensors(path, device) as f:
-            for key in keys:
-                state[key] = _finite(f.get_tensor(key), target_dtype, key, path)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with _reader(files, device, target_dtype) as read:
+        if config.looped_stack:
+            _check_keys(checkpoint_shapes(config, shapes), found, False, folder)
+            state = from_checkpoint(config, read)
+        else:
+            _check_keys(shapes, found, config.tie_embeddings, folder)
+            state = {key: read(key) for key in sorted(found.keys() - IGNORED_KEYS)}
     if config.tie_embeddings:
         _merge_tied(state)
     model.load_state_dict(state, strict=False, assign=True)
@@ -219,6 +222,24 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
+@contextmanager
+def _reader(
+    files: dict[str, Path], device: torch.device, dtype: torch.dtype
+) -> Iterator[Callable[[str], torch.Tensor]]:
+    """`read(key)`: one tensor from its memory-mapped file, converted to `dtype` and checked finite; each file is
+    opened once."""
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def read(key: str) -> torch.Tensor:
+            path = files[key]
+            if path not in handles:
+                handles[path] = stack.enter_context(_open_safetensors(path, device))
+            return _finite(handles[path].get_tensor(key), dtype, key, path)
+
+        yield read
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, config: HuginnConfig) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -226,13 +247,6 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: HuginnConfig) -> torc
     if name not in DTYPES:
         raise CheckpointError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)} or 'auto'")
     return DTYPES[name]
-
-
-def _group_by_file(files: dict[str, Path], keys: Iterable[str]) -> list[tuple[Path, list[str]]]:
-    groups: dict[Path, list[str]] = {}
-    for key in sorted(keys):
-        groups.setdefault(files[key], []).append(key)
-    return list(groups.items())
 
 
 def _merge_tied(state: dict[str, torch.Tensor]) -> None:
@@ -254,7 +268,9 @@ def save_model(model: RecurrentDepthModel, folder: str | Path) -> Path:
     config = model.config
     (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
+    if config.looped_stack:
+        state = to_checkpoint(config, state)
+    elif config.tie_embeddings:
         state.pop(TIED_KEYS[1])
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     return folder

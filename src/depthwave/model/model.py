@@ -8,7 +8,12 @@ built on it), readable top to bottom.
     logits = head(ln_f(coda(s_r)))                              the retrofits: the coda reads the raw state
 
 embed_scale is sqrt(D) for Huginn and 1.0 for the retrofits (`init_values`); the block type, attention heads and
-RoPE convention come from the config (see `depthwave.model.layers`).
+RoPE convention come from the config (see `depthwave.model.layers`). Ouro (`config.looped_stack`, see
+`depthwave.model.ouro`) is the same pipeline with P = C = 0 and no adapter:
+
+    s_0    = embed(ids)
+    s_t+1  = ln_f(core(s_t))                                     all N layers, repeated r times
+    logits = head(s_r),    exit gate logits = gate(s_t)
 
 The engine drives the three stages separately through `prelude`, `core_step`, `coda` and `head`, over per-row
 `Positions`; `forward` chains them for a plain full-depth pass.
@@ -41,8 +46,8 @@ class ModelOutput:
 
 
 class Trunk(nn.Module):
-    """The embedding, the three stacks, the adapter and the final norm, under the checkpoint's names
-    (`transformer.wte`, `transformer.prelude.0`, ...)."""
+    """The embedding, the three stacks, the adapter (Ouro: the exit gate instead) and the final norm, under the
+    checkpoint's names (`transformer.wte`, `transformer.prelude.0`, ...)."""
 
     def __init__(self, c: HuginnConfig) -> None:
         super().__init__()
@@ -52,7 +57,8 @@ class Trunk(nn.Module):
 
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.prelude = stack(c.n_layers_in_prelude)
-        self.adapter = nn.Linear(2 * c.n_embd, c.n_embd, bias=c.bias)
+        self.adapter = None if c.looped_stack else nn.Linear(2 * c.n_embd, c.n_embd, bias=c.bias)
+        self.exit_gate = nn.Linear(c.n_embd, 1) if c.looped_stack else None
         self.core_block = stack(c.n_layers_in_recurrent_block)
         self.coda = stack(c.n_layers_in_coda)
         self.ln_f = RMSNorm(c.n_embd, c.norm_eps)
@@ -124,7 +130,9 @@ class RecurrentDepthModel(nn.Module):
 
     def initial_state(self, like: Tensor, init_scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """The recurrence's starting state: zeros for init_scale 0, else a normal with std
-        init_values.std·init_scale truncated at ±3 std, times embed_scale."""
+        init_values.std·init_scale truncated at ±3 std, times embed_scale. Ouro starts from the embedding `like`."""
+        if self.config.looped_stack:
+            return like
         std = self.config.init_std * init_scale
         if std == 0:
             return torch.zeros_like(like)
@@ -132,15 +140,37 @@ class RecurrentDepthModel(nn.Module):
         nn.init.trunc_normal_(state, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
         return state.mul_(self.config.embed_scale)
 
+    def start_states(self, states: Tensor, embedded: Tensor, fresh: Callable[[], Tensor]) -> Tensor:
+        """The states a pass starts from: as given, except that an Ouro model's fresh positions (`fresh()`, a [B, S]
+        mask, asked for only then) start from their embeddings, its loop 0 input."""
+        if not self.config.looped_stack:
+            return states
+        return torch.where(fresh()[..., None], embedded, states)
+
     def core_step(
         self, state: Tensor, embedded: Tensor, at: Positions | None = None, cache: KVPool | None = None, step: int = 0
     ) -> Tensor:
-        """One recurrence: the adapter on [state, e], then the R core layers. `step` picks the per-step slots."""
+        """One recurrence: the adapter on [state, e], then the R core layers (Ouro: the layers on the state, then
+        ln_f). `step` picks the per-step slots."""
         at = self._default_positions(state, at, cache)
-        x = self.transformer.adapter(torch.cat((state, embedded), dim=-1))
+        x = self.core_input(state, embedded)
         for j, layer in enumerate(self.transformer.core_block):
             x = layer(x, at, cache, cache.core_slot(step, j) if cache is not None else 0)
-        return x
+        return self.core_output(x)
+
+    def core_input(self, state: Tensor, embedded: Tensor) -> Tensor:
+        adapter = self.transformer.adapter
+        return state if adapter is None else adapter(torch.cat((state, embedded), dim=-1))
+
+    def core_output(self, x: Tensor) -> Tensor:
+        return self.transformer.ln_f(x) if self.config.looped_stack else x
+
+    def exit_logits(self, state: Tensor) -> Tensor:
+        """fp32 [...] the exit gate's logits on recurrent states [..., D] (Ouro only)."""
+        gate = self.transformer.exit_gate
+        if gate is None:
+            raise ValueError(f"a {self.config.family} model has no exit gate")
+        return gate(state).squeeze(-1).float()
 
     def recur(
         self,
@@ -169,8 +199,8 @@ class RecurrentDepthModel(nn.Module):
         return x, latents
 
     def head(self, x: Tensor) -> Tensor:
-        """fp32 next-token logits from coda outputs."""
-        return self.lm_head(self.transformer.ln_f(x)).float()
+        """fp32 next-token logits from coda outputs (Ouro: from states, normed already)."""
+        return self.lm_head(x if self.config.looped_stack else self.transformer.ln_f(x)).float()
 
     def coda_logits(
         self, state: Tensor, at: Positions | None = None, cache: KVPool | None = None, last_only: bool = False
@@ -222,9 +252,11 @@ class RecurrentDepthModel(nn.Module):
             nn.init.trunc_normal_(t, mean=0.0, std=s, a=-3 * s, b=3 * s, generator=generator)
 
         normal(self.transformer.wte.weight, std)
-        normal(self.transformer.adapter.weight, std)
-        if self.transformer.adapter.bias is not None:
-            self.transformer.adapter.bias.zero_()
+        for linear in (self.transformer.adapter, self.transformer.exit_gate):
+            if linear is not None:
+                normal(linear.weight, std)
+                if linear.bias is not None:
+                    linear.bias.zero_()
         if not self.config.tie_embeddings:
             normal(self.lm_head.weight, std)
         hidden = self.config.intermediate_size

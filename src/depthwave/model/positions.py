@@ -13,7 +13,7 @@ garbage that nobody reads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,24 +41,27 @@ class Positions:
     write_pos: Tensor | None
     write_from: Tensor | None
     """[N] flat indices into [B*S] of the real queries, or None when no row is padded."""
-    _flat: dict[tuple[int, int], Tensor] = field(default_factory=dict, compare=False, repr=False)
+    bias: Tensor | None = field(init=False, compare=False, repr=False)
+    """The mask as an additive fp32 bias (0 or -inf), built once per call instead of once per layer (a plain
+    field, so that a compiled graph reads it as an input)."""
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    """What other modules derive from this call once and reuse across its layers (write indices, the compiled
+    pass's inputs)."""
 
-    @cached_property
-    def bias(self) -> Tensor | None:
-        """The mask as an additive fp32 bias (0 or -inf), built once per call instead of once per layer."""
-        if self.mask is None:
-            return None
-        return torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(~self.mask, float("-inf"))
+    def __post_init__(self) -> None:
+        mask = self.mask
+        bias = None if mask is None else torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+        object.__setattr__(self, "bias", bias)
 
     def flat_writes(self, heads: int, length: int) -> Tensor:
         """Indices of the written (row, head, position) entries in a cache slot viewed as [rows·heads·length, h],
         in the order of the real queries' K/V viewed as [N·heads, h] (one index_copy per write)."""
-        key = (heads, length)
-        if key not in self._flat:
+        key = ("writes", heads, length)
+        if key not in self.memo:
             assert self.write_rows is not None and self.write_pos is not None, "an uncached call writes nothing"
             head = torch.arange(heads, device=self.pos.device)
-            self._flat[key] = ((self.write_rows[:, None] * heads + head) * length + self.write_pos[:, None]).reshape(-1)
-        return self._flat[key]
+            self.memo[key] = ((self.write_rows[:, None] * heads + head) * length + self.write_pos[:, None]).reshape(-1)
+        return self.memo[key]
 
     @property
     def batch(self) -> int:

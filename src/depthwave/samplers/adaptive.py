@@ -26,11 +26,19 @@ minp-kl            the same after setting p < 0.1·max p to 1/V and renormalisin
 entropy-diff       |H(p) − H(p_prev)|                                               value < threshold   1e-3
 argmax-stability   steps for which the argmax has not changed                       value >= threshold  5
 cosine             1 − mean over positions of cos(s, s_prev)                        value < threshold   1e-3
+gate               Ouro: the last position's cumulative exit probability            value >= threshold  config
 none               never exits                                                      —                   —
 =================  ==============================================================  ==================  ======
 
-s are raw core outputs; "previous" starts at the initial state (latent criteria), the uniform distribution (KL
-criteria), entropy 100 and argmax −1, as in the reference.
+The gate criterion is Ouro's own exit rule: its exit gate gives each loop t an exit probability
+p_t = λ_t ∏_{j<t}(1 − λ_j), and the token exits at the first loop whose cumulative probability reaches the threshold
+("auto": the checkpoint's `early_exit_threshold`). With `gate_compute="all"` every loop still runs and the token is
+read from the exit loop's state: the official code's threshold selection, token for token; "weighted" reads it from
+the exit-probability-weighted sum of every loop's logits (the official `use_weighted_exit`). With "skip" an exited
+token really stops, and later tokens see it through the cache mode above.
+
+s are raw core outputs (Ouro: its normed loop outputs); "previous" starts at the initial state (latent criteria), the
+uniform distribution (KL criteria), entropy 100 and argmax −1, as in the reference.
 """
 
 from __future__ import annotations
@@ -46,15 +54,16 @@ from torch import Tensor
 
 from depthwave.engine.policy import Chunk, EngineContext, ExitGroup, ExitRule, PassResult, Policy, Sizing
 from depthwave.engine.request import GenerationStats, Request
-from depthwave.engine.selection import SamplingParams
-from depthwave.errors import is_int, is_number, param, require
+from depthwave.engine.selection import Choice, SamplingParams, select_tokens
+from depthwave.errors import InvalidParameterError, is_int, is_number, param, require
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
+from depthwave.model.ouro import exit_defaults
 from depthwave.model.positions import Positions
 from depthwave.samplers.ops import token_budget
 from depthwave.samplers.static import StaticPolicy
 
-Criterion = Literal["latent-diff", "kl", "minp-kl", "entropy-diff", "argmax-stability", "cosine", "none"]
+Criterion = Literal["latent-diff", "kl", "minp-kl", "entropy-diff", "argmax-stability", "cosine", "gate", "none"]
 AUTO_THRESHOLDS: dict[str, float] = {
     "latent-diff": 0.03,
     "kl": 1e-3,
@@ -62,6 +71,7 @@ AUTO_THRESHOLDS: dict[str, float] = {
     "entropy-diff": 1e-3,
     "argmax-stability": 5,
     "cosine": 1e-3,
+    "gate": 1.0,
     "none": 0.0,
 }
 LOGIT_CRITERIA = ("kl", "minp-kl", "entropy-diff", "argmax-stability")
@@ -84,6 +94,11 @@ class AdaptiveParams:
     init_scale: float = param(1.0, "scale of the random initial state (0: zeros)")
     cache_mode: CacheMode = param("shared", "KV cache: shared or per-step (the reference's lookup)")
     trace: bool = param(False, "record every token's criterion values")
+    gate_compute: Literal["skip", "all", "weighted"] = param(
+        "skip",
+        "criterion gate: an exited token stops (skip); or every loop runs and the token is read from the exit loop "
+        "(all) or from the exit-probability-weighted sum of the loops' logits (weighted)",
+    )
 
     name: ClassVar[str] = "adaptive"
 
@@ -109,6 +124,7 @@ class AdaptiveParams:
         need(self.cache_mode in CACHE_MODES, "cache_mode", f"one of {CACHE_MODES}")
         for name in ("exit_in_prefill", "continuous_compute", "trace"):
             need(isinstance(getattr(self, name), bool), name, "true or false")
+        need(self.gate_compute in ("skip", "all", "weighted"), "gate_compute", "'skip', 'all' or 'weighted'")
 
     @property
     def threshold(self) -> float:
@@ -122,17 +138,31 @@ class ExitCriterion(ExitRule):
     """One token's running comparison, for the engine's recurrence loop. `value` computes a check's number on the
     device; `commit` turns the fetched number into the exit decision."""
 
-    def __init__(self, params: AdaptiveParams, vocab_size: int, may_exit: bool) -> None:
-        self.name, self.threshold, self.vocab_size = params.criterion, params.threshold, vocab_size
+    def __init__(
+        self, params: AdaptiveParams, model: Any, may_exit: bool, threshold: float, loops: int, select: str | None
+    ) -> None:
+        self.name, self.threshold, self.vocab_size = params.criterion, threshold, model.config.vocab_size
         self.min_steps, self.check_every = params.min_steps, params.check_every
         self.may_exit = may_exit
         self.uses_logits = params.criterion in LOGIT_CRITERIA
+        self.gate = model.exit_logits if params.criterion == "gate" else None
+        self.head, self.loops = model.head, loops
+        self.select = select
+        """None: the rule exits. "all" / "weighted": every recurrence runs, and the rule marks the state the token is
+        read from (`chosen`), or weighs every loop's logits (`mixture`)."""
+        self.select_only = select is not None
+        self.mixture: Tensor | None = None
         self.values: list[float] = []
         self.fired = False
         self.previous: Any = None
         self.stable_steps = 0
+        self.latest: Tensor | None = None
+        self.chosen: Tensor | None = None
+        self.exit_step: int | None = None
 
     def checks(self, step: int) -> bool:
+        if self.select_only:
+            return True  # the exit loop is only known from the checks of every loop
         return self.may_exit and step >= self.min_steps and (step - self.min_steps) % self.check_every == 0
 
     def reset(self, initial_state: Tensor) -> None:
@@ -147,6 +177,12 @@ class ExitCriterion(ExitRule):
             self.previous = torch.tensor(100.0, device=initial_state.device)
         elif self.name == "argmax-stability":
             self.previous, self.stable_steps = -1, 0
+        elif self.name == "gate":
+            # (cumulative exit probability, remaining mass), in fp32 and in the reference's order of operations
+            self.previous = (
+                initial_state.new_zeros((), dtype=torch.float32),
+                initial_state.new_ones((), dtype=torch.float32),
+            )
 
     def value(self, state: Tensor, logits: Tensor | None) -> Tensor:
         """state: raw [1, S, D]; logits: the last position's fp32 [V] (logit criteria only). A 0-dim tensor."""
@@ -156,6 +192,19 @@ class ExitCriterion(ExitRule):
         if name == "argmax-stability":
             assert logits is not None
             return logits.argmax()
+        if name == "gate":
+            assert self.gate is not None
+            self.latest = state
+            lam = torch.sigmoid(self.gate(state[0, -1]))
+            cumulative, remaining = self.previous
+            if self.select == "weighted":
+                # The last loop takes the remaining mass; the head applies per loop, then the weights.
+                weight = lam * remaining if len(self.values) < self.loops - 1 else remaining
+                weighted = weight * self.head(state[0, -1:])
+                self.mixture = weighted if self.mixture is None else self.mixture + weighted
+            cumulative = cumulative + lam * remaining
+            self.previous = (cumulative, remaining * (1.0 - lam))
+            return cumulative
         if name == "latent-diff":
             value = ((state - self.previous).norm(dim=-1) / state.norm(dim=-1)).mean()
             self.previous = state
@@ -189,11 +238,27 @@ class ExitCriterion(ExitRule):
             number, done = float(self.stable_steps), self.stable_steps >= self.threshold
         elif self.name == "none":
             done = False
+        elif self.name == "gate":
+            done = self.may_exit and number >= self.threshold
         else:
             done = number < self.threshold
         self.values.append(number)
+        if self.select_only:
+            if done and self.chosen is None:
+                self.chosen, self.exit_step = self.latest, len(self.values) - 1
+            return False
         self.fired = done
         return done
+
+    def output_logits(self) -> Tensor:
+        """With `select`: fp32 [1, V] the token's logits: the exit loop's (the last loop's when none fired), or the
+        weighted mixture."""
+        if self.select == "weighted":
+            assert self.mixture is not None
+            return self.mixture
+        state = self.chosen if self.chosen is not None else self.latest
+        assert state is not None
+        return self.head(state[0, -1:])
 
     @classmethod
     def group(cls, rules: list[ExitRule], initial: Tensor, at: Positions) -> ExitGroup:
@@ -256,6 +321,12 @@ class AdaptivePolicy(StaticPolicy):
 
     @staticmethod
     def size(params: AdaptiveParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:  # type: ignore[override]
+        if params.criterion == "gate" and not config.looped_stack:
+            raise InvalidParameterError(f"criterion 'gate' needs a model with an exit gate (Ouro), not {config.family}")
+        if params.continuous_compute and config.looped_stack:
+            raise InvalidParameterError(
+                "continuous_compute: an Ouro model's recurrence starts from the token's embedding, not from a latent"
+            )
         budget = token_budget(prompt_len, sampling, config)
         cache = prompt_len + budget - 1 if budget > 1 else prompt_len
         return Sizing(budget, cache, prompt_len + budget, params.num_steps or config.mean_recurrence)
@@ -263,20 +334,49 @@ class AdaptivePolicy(StaticPolicy):
     def chunk(self) -> Chunk:
         chunk = super().chunk()
         params: AdaptiveParams = self.params  # type: ignore[assignment]
-        self.rule = ExitCriterion(params, self.ctx.model.config.vocab_size, params.exit_in_prefill or self.position > 0)
+        model = self.ctx.model
+        threshold = params.threshold
+        if params.criterion == "gate" and params.exit_threshold == "auto":
+            threshold = exit_defaults(model.config)[1] or 1.0
+        select = params.gate_compute if params.criterion == "gate" and params.gate_compute != "skip" else None
+        may_exit = params.exit_in_prefill or self.position > 0
+        self.rule = ExitCriterion(params, model, may_exit, threshold, self.num_steps, select)
         chunk.exit = self.rule
+        chunk.select = select is None  # else prepare() reads the token from the rule's logits
         # Per-step cache: a position that exited after c recurrences has no entry in the slots of steps >= c, and a
         # later token at such a step must not see it (the reference's dictionary cache returns only what it holds).
         if self.ctx.pool.mode == "per-step":
             chunk.hide_below = self.shallowest
         return chunk
 
+    @classmethod
+    def prepare(cls, members: list[tuple[Policy, int]], result: PassResult) -> list[Tensor]:
+        """Rows whose token comes from their rule's logits (gate_compute "all" or "weighted") choose it here, the
+        others keep the engine's choice."""
+        chosen = [(p, i) for p, i in members if not result.chunks[i].select]
+        if chosen:
+            tokens = chosen[0][0].ctx.buffers.tokens
+            logits = torch.cat([p.rule.output_logits() for p, _ in chosen])  # type: ignore[attr-defined]
+            choices = [
+                Choice(slice(k, k + 1), p.request.sampling, p.request.generator, tokens[p.row], [cls._end(result, i)])
+                for k, (p, i) in enumerate(chosen)
+            ]
+            picked = select_tokens(logits, choices)
+            result.own_tokens.update({i: picked[k : k + 1] for k, (_, i) in enumerate(chosen)})
+        return super().prepare(members, result)
+
+    @staticmethod
+    def _end(result: PassResult, index: int) -> int:
+        chunk = result.chunks[index]
+        return chunk.start + chunk.size
+
     def update(self, tokens: list[int], result: PassResult, index: int) -> None:
         steps = result.steps[index]
         assert self.rule is not None
         self.steps_per_token.append(steps)
         self.shallowest = min(self.shallowest, steps)
-        self.exits += self.rule.fired
+        exit_step = self.rule.exit_step
+        self.exits += self.rule.fired or (exit_step is not None and exit_step < steps - 1)
         if self.trace is not None:
             self.trace.append(self.rule.values)
         super().update(tokens, result, index)

@@ -44,11 +44,14 @@ class Sampler:
         tokenizer: Tokenizer | None = None,
         default_stop_ids: Sequence[int] = (),
         params: SamplerParams | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.default_stop_ids = tuple(default_stop_ids)
         self.params: Any = params if params is not None else self.params_class()
+        self.compile = compile
+        self._compiled: Engine | None = None
 
     def generate(
         self,
@@ -77,10 +80,25 @@ class Sampler:
             cache_mode=self.params.cache_mode,
             max_steps=bounds.max_step,
             buffer_slack=bounds.buffer - bounds.cache,
+            compile=self.compile,
         )
-        engine = Engine(self.model, self.tokenizer, self.default_stop_ids, config)
+        engine = self._reused(config) or Engine(self.model, self.tokenizer, self.default_stop_ids, config)
+        if self.compile:
+            self._compiled = engine  # its graphs are specialised to its pool: keep it for the next call
         engine.add(request)
         return engine, request
+
+    def _reused(self, wanted: EngineConfig) -> Engine | None:
+        """The compiled engine of an earlier call, when it is large enough for this one."""
+        engine = self._compiled
+        if engine is None or engine.scheduler.running or engine.scheduler.waiting:  # a stream left unfinished
+            return None
+        have = engine.config
+        fits = have.cache_mode == wanted.cache_mode and all(
+            (getattr(have, name) or 0) >= (getattr(wanted, name) or 0)
+            for name in ("max_model_len", "max_steps", "buffer_slack")
+        )
+        return engine if fits else None
 
     @staticmethod
     def _steps(engine: Engine, request: Request) -> Generator[int, None, GenerationResult]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from depthwave.engine.policy import SamplerParams
 from depthwave.errors import InvalidParameterError, help_of
+from depthwave.model.config import HuginnConfig
 from depthwave.samplers.adaptive import AdaptiveParams
 from depthwave.samplers.diffusion import DiffusionParams
 from depthwave.samplers.speculative import SpeculativeParams
@@ -28,6 +29,12 @@ PARAMS: dict[str, type] = {
     "diffusion": DiffusionParams,
 }
 DEFAULT_SAMPLER = "diffusion"
+
+
+def default_for(config: HuginnConfig) -> str:
+    """The default sampler for a model: diffusion, except for Ouro, where static decoding is the official output and
+    the diffusion sampler's wavefront over loops is opt-in."""
+    return "static" if config.looped_stack else DEFAULT_SAMPLER
 
 
 def params_class(name: str) -> type:

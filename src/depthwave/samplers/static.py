@@ -11,7 +11,7 @@ from depthwave.engine.buffers import RandomStates
 from depthwave.engine.policy import Chunk, EngineContext, PassResult, Policy, Sizing
 from depthwave.engine.request import GenerationStats, Request
 from depthwave.engine.selection import SamplingParams
-from depthwave.errors import is_int, is_number, param, require
+from depthwave.errors import InvalidParameterError, is_int, is_number, param, require
 from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
 from depthwave.samplers.ops import cat, scatter_rows, token_budget
@@ -76,6 +76,10 @@ class StaticPolicy(Policy):
 
     @staticmethod
     def size(params: StaticParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:
+        if params.continuous_compute and config.looped_stack:
+            raise InvalidParameterError(
+                "continuous_compute: an Ouro model's recurrence starts from the token's embedding, not from a latent"
+            )
         budget = token_budget(prompt_len, sampling, config)
         # Every generated token but the last is fed back, so the cache never needs more than this.
         cache = prompt_len + budget - 1 if budget > 1 else prompt_len

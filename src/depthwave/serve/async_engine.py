@@ -30,10 +30,14 @@ class EngineFailure(Exception):
     """A step raised while this request ran; it ended there, and the server went on with the others."""
 
 
+class ShuttingDown(Exception):
+    """The server is stopping: a request that had not started running is dropped with this (a 503)."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    sink: Callable[[StepOutput | EngineFailure], None]
+    sink: Callable[[StepOutput | EngineFailure | ShuttingDown], None]
     arrival: float
     last_token: float | None = None
     emitted: int = 0
@@ -56,6 +60,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
+        self.draining = False
         self._thread = threading.Thread(target=self._run, name="depthwave-engine", daemon=True)
         self._thread.start()
 
@@ -71,6 +76,14 @@ class AsyncEngine:
     async def score(self, token_ids: list[int], num_steps: int | None) -> torch.Tensor:
         """log-softmax [L, V] of one full-depth forward over the tokens (zero initial state), for logprobs."""
         return await self._call("score", (token_ids, num_steps))
+
+    def drain(self) -> None:
+        """Refuse what waits (each gets ShuttingDown, a 503); running requests go on."""
+        self._commands.put(_Command("drain", None))
+
+    def abort_all(self) -> None:
+        """End every request now (the shutdown grace is over)."""
+        self._commands.put(_Command("abort_all", None))
 
     def stop(self) -> None:
         self._stopping = True
@@ -115,6 +128,13 @@ class AsyncEngine:
             return
         if command.kind == "wake":
             return
+        if command.kind == "drain":
+            self._drain()
+            return
+        if command.kind == "abort_all":
+            for request_id in list(self._streams):
+                self.engine.abort(request_id)
+            return
         try:
             result = self._execute(command)
         except Exception as exc:  # handed to the caller, who turns it into a response
@@ -125,12 +145,14 @@ class AsyncEngine:
     def _execute(self, command: _Command) -> Any:
         if command.kind == "add":
             request: Request = command.payload
+            if self.draining:
+                raise ShuttingDown("the server is shutting down")
             if len(self.engine.scheduler.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.engine.scheduler.waiting)} requests are waiting already")
             self.engine.add(request)
             assert command.loop is not None
             self._streams[request.request_id] = _Stream(command.loop, command.extra["sink"], time.perf_counter())
-            self.metrics.requests_waiting = len(self.engine.scheduler.waiting)
+            self.metrics.waiting.set(len(self.engine.scheduler.waiting))
             return None
         if command.kind == "score":
             token_ids, num_steps = command.payload
@@ -157,33 +179,43 @@ class AsyncEngine:
 
         loop.call_soon_threadsafe(settle)
 
+    def _drain(self) -> None:
+        self.draining = True
+        for request in list(self.engine.scheduler.waiting):
+            self.engine.abort(request.request_id)
+            stream = self._streams.pop(request.request_id, None)
+            if stream is not None:
+                self.metrics.finished("abort")
+                stream.loop.call_soon_threadsafe(stream.sink, ShuttingDown("the server is shutting down"))
+        # Their abort outputs come with the next step, for no one: the sinks have their answer.
+
     def _fail_running(self, exc: Exception) -> None:
         failure = EngineFailure(f"the engine failed while running this request: {type(exc).__name__}: {exc}")
         for request in self.engine.fail_running():
             stream = self._streams.pop(request.request_id, None)
             if stream is not None:
-                self.metrics.finished("error")
+                self.metrics.finished("error", latency=time.perf_counter() - stream.arrival)
                 stream.loop.call_soon_threadsafe(stream.sink, failure)
 
     def _step(self) -> None:
         outputs = self.engine.step()
         now = time.perf_counter()
         scheduler = self.engine.scheduler
-        self.metrics.observe_step(len(scheduler.running), len(scheduler.waiting), self.engine.stats)
+        self.metrics.observe_step(len(scheduler.running), len(scheduler.waiting), scheduler.reserved, self.engine.stats)
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
             if output.new_token_ids:
                 if stream.last_token is None:
-                    self.metrics.time_to_first_token.observe(now - stream.arrival)
+                    self.metrics.ttft.observe(now - stream.arrival)
                 else:
                     # Tokens that froze together in one step share the step's latency.
-                    self.metrics.inter_token_latency.observe((now - stream.last_token) / len(output.new_token_ids))
+                    self.metrics.itl.observe((now - stream.last_token) / len(output.new_token_ids))
                 stream.last_token = now
-                self.metrics.generated_tokens += len(output.new_token_ids)
+                self.metrics.generation_tokens.inc(len(output.new_token_ids))
             if output.finished:
                 self._streams.pop(output.request_id, None)
                 reason = output.result.finish_reason if output.result is not None else "abort"
-                self.metrics.finished(reason)
+                self.metrics.finished(reason, output.result, now - stream.arrival)
             stream.loop.call_soon_threadsafe(stream.sink, output)

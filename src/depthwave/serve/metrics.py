@@ -1,104 +1,103 @@
-"""The server's Prometheus metrics, written in the text exposition format (no client library needed)."""
+"""The server's Prometheus metrics (`prometheus_client`), under vLLM's names with a `depthwave:` prefix where the
+concept matches (so a vLLM dashboard adapts with a rename), and the samplers' own figures: recurrences per token,
+sampler steps and wavefront size per request.
+
+Each server has its own CollectorRegistry, not the process-wide one, so that several servers in one process (the
+tests, Ray replicas) keep separate counts. The engine thread writes; /metrics reads.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
+import dataclasses
+from typing import Any
 
-from depthwave.engine import EngineStats
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+from depthwave.engine import EngineStats, GenerationResult
 
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.total = 0.0
-        self.count = 0
-        self.lock = threading.Lock()
-
-    def observe(self, value: float) -> None:
-        with self.lock:
-            index = next((i for i, edge in enumerate(self.buckets) if value <= edge), len(self.buckets))
-            self.counts[index] += 1
-            self.total += value
-            self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        with self.lock:
-            out, cumulative = [], 0
-            for edge, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
-                cumulative += count
-                label = "+Inf" if edge == float("inf") else repr(edge)
-                out.append(f'{name}_bucket{{le="{label}"}} {cumulative}')
-            out += [f"{name}_sum {self.total}", f"{name}_count {self.count}"]
-            return out
+PREFIX = "depthwave:"
+FINISH_REASONS = ("stop", "length", "abort", "error")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+RECURRENCE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
+STEP_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
 
 
 class Metrics:
     """Written by the engine thread, read by the /metrics handler."""
 
-    def __init__(self) -> None:
-        self.requests_running = 0
-        self.requests_waiting = 0
-        self.generated_tokens = 0
-        self.steps = 0
-        self.engine = EngineStats()
-        self.by_reason: Counter[str] = Counter()
-        self.time_to_first_token = Histogram()
-        self.inter_token_latency = Histogram()
+    def __init__(self, max_num_seqs: int = 0) -> None:
+        self.registry = CollectorRegistry()
 
-    def observe_step(self, running: int, waiting: int, engine: EngineStats) -> None:
-        self.steps += 1
-        self.requests_running, self.requests_waiting = running, waiting
-        self.engine = engine
+        def gauge(name: str, text: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(PREFIX + name, text, labels, registry=self.registry)
 
-    def finished(self, reason: str) -> None:
-        self.by_reason[reason] += 1
+        def counter(name: str, text: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, text, labels, registry=self.registry)
 
-    def render(self, rows: int) -> str:
-        prefix = "depthwave"
-        lines = [
-            f"# HELP {prefix}_requests_running Requests in the batch (holding a row).",
-            f"# TYPE {prefix}_requests_running gauge",
-            f"{prefix}_requests_running {self.requests_running}",
-            f"# HELP {prefix}_requests_waiting Requests waiting for a row or KV budget.",
-            f"# TYPE {prefix}_requests_waiting gauge",
-            f"{prefix}_requests_waiting {self.requests_waiting}",
-            f"# HELP {prefix}_batch_rows Rows of the engine (max_num_seqs).",
-            f"# TYPE {prefix}_batch_rows gauge",
-            f"{prefix}_batch_rows {rows}",
-            f"# HELP {prefix}_engine_steps_total Engine steps run.",
-            f"# TYPE {prefix}_engine_steps_total counter",
-            f"{prefix}_engine_steps_total {self.steps}",
-            f"# HELP {prefix}_generated_tokens_total Tokens generated (final).",
-            f"# TYPE {prefix}_generated_tokens_total counter",
-            f"{prefix}_generated_tokens_total {self.generated_tokens}",
-        ]
-        engine = self.engine
-        for name, kind, value, help_text in (
-            ("passes_total", "prefill", engine.prefill_passes, "Engine passes by kind."),
-            ("passes_total", "decode", engine.decode_passes, None),
-            ("pass_seconds_total", "prefill", engine.prefill_time_s, "Wall time of engine passes by kind."),
-            ("pass_seconds_total", "decode", engine.decode_time_s, None),
-        ):
-            if help_text:
-                lines += [f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} counter"]
-            lines.append(f'{prefix}_{name}{{kind="{kind}"}} {value}')
-        lines += [
-            f"# HELP {prefix}_prompt_tokens_total Prompt tokens prefilled.",
-            f"# TYPE {prefix}_prompt_tokens_total counter",
-            f"{prefix}_prompt_tokens_total {engine.prompt_tokens}",
-            f"# HELP {prefix}_requests_finished_total Finished requests by finish reason.",
-            f"# TYPE {prefix}_requests_finished_total counter",
-        ]
-        for reason in ("stop", "length", "abort"):
-            lines.append(f'{prefix}_requests_finished_total{{finish_reason="{reason}"}} {self.by_reason[reason]}')
-        for name, histogram, help_text in (
-            ("time_to_first_token_seconds", self.time_to_first_token, "From arrival to the first token."),
-            ("inter_token_latency_seconds", self.inter_token_latency, "Between tokens of a request."),
-        ):
-            lines += [f"# HELP {prefix}_{name} {help_text}", f"# TYPE {prefix}_{name} histogram"]
-            lines += histogram.lines(f"{prefix}_{name}")
-        return "\n".join(lines) + "\n"
+        def histogram(name: str, text: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(PREFIX + name, text, labels, buckets=buckets, registry=self.registry)
+
+        self.running = gauge("num_requests_running", "Requests in the batch (holding an engine row).")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting for a row or KV budget.")
+        gauge("max_num_seqs", "Rows of the engine (--max-num-seqs).").set(max_num_seqs)
+        self.kv_positions = gauge("kv_cache_positions_reserved", "KV cache positions reserved by running requests.")
+        self.success = counter("request_success", "Finished requests by finish reason.", ("finished_reason",))
+        for reason in FINISH_REASONS:
+            self.success.labels(reason)  # every reason is shown from the start, at 0
+        self.rejected = counter("request_rejected", "Requests refused before running, by status.", ("status",))
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated (final).")
+        self.steps = counter("engine_steps", "Engine steps run.")
+        self.passes = counter("engine_passes", "Engine passes by kind.", ("kind",))
+        self.pass_seconds = counter("engine_pass_seconds", "Wall time of engine passes by kind.", ("kind",))
+        self.ttft = histogram("time_to_first_token_seconds", "From arrival to the first token.", LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Between tokens of a request.", LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "From arrival to the last token.", LATENCY_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds", "From arrival to the first pass.", LATENCY_BUCKETS)
+        self.recurrences = histogram(
+            "recurrences_per_token",
+            "Core recurrences per generated token, per request.",
+            RECURRENCE_BUCKETS,
+            ("sampler",),
+        )
+        self.sampler_steps = histogram(
+            "sampler_steps", "Sampler steps per request (the diffusion sampler).", STEP_BUCKETS, ("sampler",)
+        )
+        self.wavefront = histogram(
+            "wavefront_size",
+            "Mean wavefront per request: positions in flight per step (diffusion).",
+            RECURRENCE_BUCKETS,
+            ("sampler",),
+        )
+        self._engine = EngineStats()
+
+    def observe_step(self, running: int, waiting: int, kv_positions: int, engine: EngineStats) -> None:
+        self.steps.inc()
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_positions.set(kv_positions)
+        previous, self._engine = self._engine, dataclasses.replace(engine)
+        self.prompt_tokens.inc(engine.prompt_tokens - previous.prompt_tokens)
+        for kind in ("prefill", "decode"):
+            self.passes.labels(kind).inc(getattr(engine, f"{kind}_passes") - getattr(previous, f"{kind}_passes"))
+            seconds = getattr(engine, f"{kind}_time_s") - getattr(previous, f"{kind}_time_s")
+            self.pass_seconds.labels(kind).inc(max(seconds, 0.0))
+
+    def finished(self, reason: str, result: GenerationResult | None = None, latency: float | None = None) -> None:
+        self.success.labels(reason).inc()
+        if latency is not None:
+            self.e2e.observe(latency)
+        if result is None:
+            return
+        stats: Any = result.stats
+        sampler = stats.sampler or "unknown"
+        self.queue.observe(stats.queue_time_s)
+        if stats.generated_tokens:
+            self.recurrences.labels(sampler).observe(stats.core_steps_per_token)
+        if getattr(stats, "sampler_steps", 0):
+            self.sampler_steps.labels(sampler).observe(stats.sampler_steps)
+        if getattr(stats, "mean_wavefront", 0):
+            self.wavefront.labels(sampler).observe(stats.mean_wavefront)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

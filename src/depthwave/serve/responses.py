@@ -11,9 +11,9 @@ from typing import Any
 
 from depthwave.engine import GenerationResult, Request
 from depthwave.engine.output import TextStream
-from depthwave.serve.async_engine import EngineFailure
+from depthwave.serve.async_engine import EngineFailure, ShuttingDown
 from depthwave.serve.protocol import ApiError, Job
-from depthwave.serve.server import Server
+from depthwave.serve.server import Server, shutting_down
 
 
 def completion_logprobs(server: Server, scored: dict[str, Any], start_offset: int = 0) -> dict[str, Any]:
@@ -78,8 +78,13 @@ async def stream_job(
             yield sse(chunk(0, None, None, role=True))
         while finished < len(requests):
             index, output = await outputs.get()
-            if isinstance(output, EngineFailure):  # OpenAI's clients raise on an error event
-                yield sse(ApiError(500, str(output), kind="server_error").body())
+            if isinstance(output, (EngineFailure, ShuttingDown)):  # OpenAI's clients raise on an error event
+                error = (
+                    shutting_down()
+                    if isinstance(output, ShuttingDown)
+                    else ApiError(500, str(output), kind="server_error")
+                )
+                yield sse(error.body())
                 yield sse("[DONE]")
                 return
             stream = streams[index]

@@ -3,7 +3,6 @@ metrics. Each reads the server from the app's state; the responses are built in 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter
@@ -11,32 +10,67 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from depthwave.errors import DepthwaveError
-from depthwave.serve.protocol import ApiError, parse_chat, parse_completion
+from depthwave.serve.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    Health,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+    parse_chat,
+    parse_completion,
+)
 from depthwave.serve.responses import complete, stream_job
 from depthwave.serve.server import Server
 
 router = APIRouter()
+
+# Documented error statuses (each body in OpenAI's shape): what a client must be ready for.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "An invalid field (named in error.param), body or prompt.",
+        401: "A missing or wrong API key.",
+        404: "Another model than the one served.",
+        413: "A body over --max-body-bytes.",
+        429: "More than --max-waiting requests wait already; retry after Retry-After seconds.",
+        500: "The engine failed while running the request.",
+        503: "The model is loading, failed to load, or the server is shutting down.",
+    }.items()
+}
+TOKENIZER_ERRORS: dict[int | str, dict[str, Any]] = {status: ERRORS[status] for status in (400, 401, 413, 503)}
+
+
+# One server-sent event of a stream: `data:` holds a chunk as JSON (or an error), the last one `[DONE]`.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string", "description": "A chunk object as JSON, an error object, or [DONE]."},
+        "event": {"type": "string"},
+    },
+    "required": ["data"],
+}
+
+
+def streamed(model: type) -> dict[str, Any]:
+    """A 200 that is JSON, or server-sent events with `stream`."""
+    return {"model": model, "content": {"text/event-stream": {"schema": SSE_EVENT}}}
 
 
 def server_of(request: HttpRequest) -> Server:
     return request.app.state.server
 
 
-async def read_body(request: HttpRequest) -> Any:
+async def run(request: HttpRequest, body: Any, chat: bool) -> Any:
     server = server_of(request)
     server.require_ready()
-    limit = server.settings.max_body_bytes
-    raw = await request.body()
-    if len(raw) > limit:
-        raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-
-
-async def run(request: HttpRequest, chat: bool) -> Any:
-    server, body = server_of(request), await read_body(request)
     assert server.context is not None
     try:
         job = parse_chat(body, server.context) if chat else parse_completion(body, server.context)
@@ -55,17 +89,25 @@ async def run(request: HttpRequest, chat: bool) -> Any:
     return await complete(server, job, requests, outputs, request.is_disconnected, chat)
 
 
-@router.post("/v1/completions")
-async def completions(request: HttpRequest) -> Any:
-    return await run(request, chat=False)
+@router.post(
+    "/v1/completions", response_model=CompletionResponse, responses={**ERRORS, 200: streamed(CompletionResponse)}
+)
+async def completions(body: CompletionRequest, request: HttpRequest) -> Any:
+    """OpenAI's completions: whole, or streamed as server-sent events with `stream`."""
+    return await run(request, body, chat=False)
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: HttpRequest) -> Any:
-    return await run(request, chat=True)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**ERRORS, 200: streamed(ChatCompletionResponse)},
+)
+async def chat_completions(body: ChatCompletionRequest, request: HttpRequest) -> Any:
+    """OpenAI's chat completions (the model's chat template): whole, or streamed with `stream`."""
+    return await run(request, body, chat=True)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList, responses={status: ERRORS[status] for status in (401, 503)})
 async def models(request: HttpRequest) -> Any:
     server = server_of(request)
     server.require_ready()
@@ -84,55 +126,62 @@ def tokenizer_of(request: HttpRequest) -> Any:
     return server.llm.tokenizer
 
 
-@router.get("/tokenizer_info")
+def max_model_len(request: HttpRequest) -> int | None:
+    engine = server_of(request).engine
+    return engine.engine.max_model_len if engine else None
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfo, responses=TOKENIZER_ERRORS)
 async def tokenizer_info(request: HttpRequest) -> Any:
-    tok, server = tokenizer_of(request), server_of(request)
+    tok = tokenizer_of(request)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": tok.bos_token,
         "eos_token": tok.eos_token,
         "pad_token": None,
         "chat_template": tok.chat_template,
-        "model_max_length": server.engine.engine.max_model_len if server.engine else None,
+        "model_max_length": max_model_len(request),
     }
 
 
-@router.post("/tokenize")
-async def tokenize(request: HttpRequest) -> Any:
-    tok, body = tokenizer_of(request), await read_body(request)
-    prompt = body.get("prompt") if isinstance(body, dict) else None
-    if not isinstance(prompt, str):
-        raise ApiError(400, "prompt must be a string", param="prompt")
-    special = body.get("add_special_tokens", True)
-    if not isinstance(special, bool):
-        raise ApiError(400, "add_special_tokens must be true or false", param="add_special_tokens")
-    tokens = tok.encode(prompt, add_special_tokens=special)
-    engine = server_of(request).engine
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.engine.max_model_len if engine else None}
+@router.post("/tokenize", response_model=TokenizeResponse, responses=TOKENIZER_ERRORS)
+async def tokenize(body: TokenizeRequest, request: HttpRequest) -> Any:
+    tokens = tokenizer_of(request).encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": max_model_len(request)}
 
 
-@router.post("/detokenize")
-async def detokenize(request: HttpRequest) -> Any:
-    tok, body = tokenizer_of(request), await read_body(request)
-    tokens = body.get("tokens") if isinstance(body, dict) else None
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=TOKENIZER_ERRORS)
+async def detokenize(body: DetokenizeRequest, request: HttpRequest) -> Any:
+    tok = tokenizer_of(request)
     vocab = tok.vocab_size
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
+    if any(t >= vocab for t in body.tokens):
         raise ApiError(400, f"tokens must be a list of token ids below {vocab}", param="tokens")
-    return {"prompt": tok.decode(tokens, skip_special_tokens=False)}
+    return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    response_model=Health,
+    response_model_exclude_none=True,
+    responses={503: {"model": Health, "description": "Loading, failed to load, or shutting down."}},
+)
 async def health(request: HttpRequest) -> Any:
     server = server_of(request)
     if server.failed:
         return JSONResponse({"status": "failed", "error": server.failed}, status_code=503)
     if not server.ready.is_set():
         return JSONResponse({"status": "loading"}, status_code=503)
+    if server.stopping:
+        return JSONResponse({"status": "stopping"}, status_code=503)
     return {"status": "ok"}
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text."}},
+)
 async def metrics(request: HttpRequest) -> Any:
-    server = server_of(request)
-    text = server.metrics.render(server.settings.max_num_seqs)
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    """Prometheus metrics: vLLM's names under the `depthwave:` prefix, and the samplers' own figures."""
+    body, content_type = server_of(request).metrics.render()
+    return PlainTextResponse(body, media_type=content_type)

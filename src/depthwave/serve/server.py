@@ -14,7 +14,7 @@ from depthwave.engine import Engine, EngineConfig, GenerationResult, Request
 from depthwave.errors import DepthwaveError
 from depthwave.model.kv_cache import CacheMode
 from depthwave.samplers import registry
-from depthwave.serve.async_engine import AsyncEngine, EngineFailure, QueueFull
+from depthwave.serve.async_engine import AsyncEngine, EngineFailure, QueueFull, ShuttingDown
 from depthwave.serve.metrics import Metrics
 from depthwave.serve.protocol import ApiError, Context, Job
 
@@ -36,6 +36,8 @@ class ServeSettings:
     """EngineConfig.admission_delay: newcomers' prefills batch together at the cost of a little first-token time."""
     max_waiting: int = 256
     max_body_bytes: int = 1 << 20
+    compile: bool = False
+    """Compiled decode passes, warmed up before the server reports ready."""
     threads: int | None = None
     """torch CPU threads (None: depthwave's default, `depthwave.runtime.choose_threads`)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +49,7 @@ class ServeSettings:
             max_model_len=self.max_model_len,
             cache_mode=self.cache_mode,
             admission_delay=self.admission_delay,
+            compile=self.compile,
         )
         self.sampler = registry.make(
             self.sampler.name if self.sampler is not None else registry.DEFAULT_SAMPLER,
@@ -64,13 +67,16 @@ class Server:
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.max_num_seqs)
         self.ready = threading.Event()
+        self.stopping = False
+        """SIGTERM came: new and waiting requests get 503, running ones finish (within the shutdown grace)."""
         self.failed: str | None = None
         self.llm: Any = None
         self.engine: AsyncEngine | None = None
         self.context: Context | None = None
         self.created = int(time.time())
+        self.compile_s = 0.0
 
     def load(self) -> None:
         from depthwave.llm import LLM
@@ -79,6 +85,8 @@ class Server:
             s = self.settings
             llm = LLM(s.model, device=s.device, dtype=s.dtype, threads=s.threads)
             engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, s.engine_config)
+            # Compiled graphs are built before /health says ready, not on the first requests.
+            self.compile_s = engine.warmup()
         except Exception as exc:  # reported by /health and every endpoint
             self.failed = f"{type(exc).__name__}: {exc}"
             raise
@@ -98,6 +106,19 @@ class Server:
             raise ApiError(503, f"the model failed to load: {self.failed}", kind="server_error")
         if not self.ready.is_set():
             raise ApiError(503, "the model is still loading", kind="server_error", headers={"Retry-After": "5"})
+        if self.stopping:
+            raise shutting_down()
+
+    def begin_shutdown(self) -> None:
+        """From SIGTERM: refuse new requests and drop waiting ones (503); running ones go on."""
+        self.stopping = True
+        if self.engine is not None:
+            self.engine.drain()
+
+    def end_running(self) -> None:
+        """The shutdown grace is over: abort what still runs (streams end, whole answers end with "abort")."""
+        if self.engine is not None:
+            self.engine.abort_all()
 
     # ---- serving ------------------------------------------------------------------------------------------
     def decode(self, ids: list[int]) -> str:
@@ -119,9 +140,13 @@ class Server:
                 added.append(request)
         except QueueFull as exc:
             self.abort(added)
+            self.metrics.rejected.labels("429").inc()
             raise ApiError(
                 429, f"the server is busy ({exc}); retry later", kind="rate_limit_error", headers={"Retry-After": "1"}
             ) from None
+        except ShuttingDown:
+            self.abort(added)
+            raise shutting_down() from None
         except DepthwaveError as exc:
             self.abort(added)
             raise ApiError(400, str(exc), param="prompt" if "prompt" in str(exc) else None) from None
@@ -146,6 +171,8 @@ class Server:
                     if await disconnected():
                         raise asyncio.CancelledError from None
                     continue
+                if isinstance(output, ShuttingDown):
+                    raise shutting_down()
                 if isinstance(output, EngineFailure):
                     raise ApiError(500, str(output), kind="server_error")
                 if output.result is not None:
@@ -181,6 +208,10 @@ class Server:
 
 
 # ---- responses --------------------------------------------------------------------------------------------
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down; retry on another", kind="server_error", code="shutting_down")
 
 
 def load_quietly(server: Server) -> None:

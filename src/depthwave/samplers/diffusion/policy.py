@@ -117,6 +117,15 @@ class DiffusionPolicy(Policy):
         positions = min(config.block_size, prompt_len + budget + (cap or config.block_size) + headway)
         return Sizing(budget, positions, positions + headway + 2, num_steps)
 
+    @classmethod
+    def for_model(cls, config: HuginnConfig) -> type[Policy]:
+        """A looped stack (Ouro) has no injection to refine states under: it gets the wavefront over loops."""
+        if config.looped_stack:
+            from depthwave.samplers.diffusion.looped import LoopWavefrontPolicy
+
+            return LoopWavefrontPolicy
+        return cls
+
     @staticmethod
     def budget(prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> int:
         """(reference hook) Tokens to generate at most."""

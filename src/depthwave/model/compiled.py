@@ -1,0 +1,296 @@
+"""The compiled pass: the prelude, one recurrence and the coda as whole graphs (`torch.compile(fullgraph=True)`),
+for the engine's decode passes.
+
+At small batch a pass costs mostly per-op overhead: a recurrence of the built-in model is about 40 small ops per
+layer. As one graph it is a handful of fused kernels. Two things make that possible without a graph per position:
+
+* **Shapes that repeat.** The queries per row are padded to a bucket (1, 2, 4 or 8; a wider call, such as a
+  prefill, runs eagerly). The rows and the cached keys are dynamic dimensions (marked so, never a guard on their
+  values), so one graph per (stage, bucket) serves every batch size from 2 and every position; a single row is its
+  own graph. Positions, masks and rotations are inputs, computed once per pass.
+* **No cache traffic inside a graph.** A graph reads each layer's cached K/V of the positions before the rows'
+  chunks (views of the pool, never written during the pass) and attends over them and over the chunk's own fresh
+  K/V in one softmax (`layers.prefix_attention`): what the eager pass computes after writing the chunk into the
+  cache. The fresh K/V come out of the graph and are written into the pool after it, for the real queries only.
+  Mutating the pool inside the graph would make the compiler copy whole cache slots.
+
+`CompiledModel` has the eager model's stage interface (`prelude`, `core_step`, `coda`), so the engine runs either;
+a call that cannot run compiled (too wide, or with fewer than two cached positions) falls back to the eager stage.
+Compiled and eager agree to float tolerance (another summation order), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from depthwave.model.kv_cache import KVPool
+from depthwave.model.layers import Block, prefix_attention
+from depthwave.model.model import RecurrentDepthModel
+from depthwave.model.positions import Positions
+
+WIDTHS = (1, 2, 4, 8)
+"""Query positions per row that run compiled (a call is padded up to the next); wider calls run eagerly."""
+BACKEND = os.environ.get("DEPTHWAVE_COMPILE_BACKEND", "inductor")
+"""torch.compile's backend: inductor; "aot_eager" traces the same graphs without generating code (tests of the
+graphs' structure, debugging)."""
+UNROLL = 4
+"""Recurrences per graph of `recur` (a diffusion step's r' = 4 is one call; static decoding's 32 are eight)."""
+MIN_CACHED = 2
+"""Cached keys a compiled call needs at least (a dynamic dimension is never 0 or 1)."""
+
+
+@dataclass
+class StaticCall:
+    """A call's inputs in the compiled pass's shapes: B rows, W = a bucket of queries per row, T cached keys."""
+
+    rows: slice | Tensor
+    rotation: Tensor
+    """[B, W, 1, 1, h/2] the queries' rotations (padding repeats a row's last position)."""
+    old_bias: Tensor
+    """[B, 1, 1, T] 0 where a row's queries see a cached key (before the row's chunk, and visible), else -inf."""
+    new_bias: Tensor
+    """[B, 1, W, W] 0 where a query sees a key of its own chunk (causal, real), else -inf."""
+    real: Tensor | None
+    """[N] flat indices into [B·W] of the real queries (None when nothing is padded)."""
+    width: int
+
+
+def bucket(width: int) -> int | None:
+    return next((w for w in WIDTHS if w >= width), None)
+
+
+def static_call(at: Positions, rope: Tensor) -> StaticCall | None:
+    """The call `at` for the compiled pass, or None when it must run eagerly. Built once per call (memoised)."""
+    if "static" in at.memo:
+        return at.memo["static"]
+    width = bucket(at.width)
+    cached = max(at.starts)
+    call = None if width is None or cached < MIN_CACHED or at.is_causal else _build(at, rope, width, cached)
+    at.memo["static"] = call
+    return call
+
+
+def _build(at: Positions, rope: Tensor, width: int, cached: int) -> StaticCall:
+    device = at.pos.device
+    starts = torch.tensor(at.starts, device=device)
+    sizes = torch.tensor(at.sizes, device=device)
+    keys = torch.arange(cached, device=device)
+    seen = keys[None, :] < starts[:, None]
+    if at.mask is not None:
+        # The first query of a row sees every earlier key that is visible at all (hidden keys stay hidden).
+        seen = seen & at.mask[:, 0, 0, :cached]
+    pos = at.pos if width == at.width else torch.cat((at.pos, at.pos[:, -1:].expand(-1, width - at.width)), dim=1)
+    queries = torch.arange(width, device=device)
+    own = (queries[None, :] <= queries[:, None])[None] & (queries[None, None, :] < sizes[:, None, None])
+    real = None
+    if any(size != width for size in at.sizes):
+        real = torch.tensor([b * width + s for b, size in enumerate(at.sizes) for s in range(size)], device=device)
+    return StaticCall(
+        rows=at.rows,
+        rotation=rope[pos][:, :, None, None],
+        old_bias=_bias(seen)[:, None, None, :],
+        new_bias=_bias(own)[:, None],
+        real=real,
+        width=width,
+    )
+
+
+def _bias(visible: Tensor) -> Tensor:
+    return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+class CompiledModel:
+    """The model's stages as compiled graphs over one KV pool; `prelude`, `core_step` and `coda` as the eager
+    model's. `mode`: torch.compile's (None on the CPU; "reduce-overhead" for CUDA graphs)."""
+
+    def __init__(self, model: RecurrentDepthModel, pool: KVPool, mode: str | None = None) -> None:
+        self.model, self.pool = model, pool
+        # Derived config values are computed (and cached) here, outside any graph: tracing their first
+        # computation would meet functools.cached_property's lock.
+        _ = model.config.embed_scale
+        compiled: Callable[[Callable[..., Any]], Callable[..., Any]] = lambda fn: torch.compile(  # noqa: E731
+            fn, fullgraph=True, dynamic=False, mode=mode, backend=BACKEND
+        )
+        # One cache entry per (stage, width bucket, one row or more) and model: more than dynamo's default of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._prelude = compiled(self._prelude_graph)
+        self._core = compiled(self._core_graph)
+        self._core_loop = compiled(self._loop_graph)
+        self._coda = compiled(self._coda_graph)
+
+    # ---- the stages -----------------------------------------------------------------------------------------
+    def prelude(self, input_ids: Tensor, at: Positions, cache: KVPool) -> Tensor:
+        call = static_call(at, self.model.rope)
+        if call is None:
+            return self.model.prelude(input_ids, at, cache)
+        slots = [cache.prelude_slot(i) for i in range(self.model.config.n_layers_in_prelude)]
+        return self._run(self._prelude, call, at, slots, self._pad(input_ids, call))
+
+    def core_step(self, state: Tensor, embedded: Tensor, at: Positions, cache: KVPool, step: int = 0) -> Tensor:
+        call = static_call(at, self.model.rope)
+        if call is None:
+            return self.model.core_step(state, embedded, at, cache, step)
+        slots = [cache.core_slot(step, j) for j in range(self.model.config.n_layers_in_recurrent_block)]
+        return self._run(self._core, call, at, slots, self._pad(state, call), self._pad(embedded, call))
+
+    def recur(
+        self, state: Tensor, embedded: Tensor, num_steps: int, at: Positions, cache: KVPool, first_step: int = 0
+    ) -> Tensor:
+        """`num_steps` recurrences: with the shared cache, `UNROLL` of them per graph (each layer's K/V of the
+        last one is what the cache keeps), the rest one by one."""
+        call = static_call(at, self.model.rope)
+        if call is None or cache.max_steps is not None:
+            for step in range(first_step, first_step + num_steps):
+                state = self.core_step(state, embedded, at, cache, step)
+            return state
+        slots = [cache.core_slot(0, j) for j in range(self.model.config.n_layers_in_recurrent_block)]
+        padded_e = self._pad(embedded, call)
+        for _ in range(num_steps // UNROLL):
+            state = self._run(self._core_loop, call, at, slots, self._pad(state, call), padded_e)
+        for step in range(num_steps % UNROLL):
+            state = self.core_step(state, embedded, at, cache, first_step + step)
+        return state
+
+    def coda(self, state: Tensor, at: Positions, cache: KVPool) -> tuple[Tensor, Tensor]:
+        call = static_call(at, self.model.rope)
+        if call is None:
+            return self.model.coda(state, at, cache)
+        latents = self.model.transformer.ln_f(state) if self.model.config.norm_before_coda else state
+        slots = [cache.coda_slot(i) for i in range(self.model.config.n_layers_in_coda)]
+        return self._run(self._coda, call, at, slots, self._pad(latents, call)), latents
+
+    # ---- internals ------------------------------------------------------------------------------------------
+    # One function per stage (dynamo keeps its compiled graphs per function): each returns the stage's output and
+    # every layer's fresh K/V; `rest` holds the rotation, the two biases, then each layer's cached K and V.
+    Graph = tuple[Tensor, list[Tensor], list[Tensor]]
+
+    def _prelude_graph(self, ids: Tensor, *rest: Tensor) -> Graph:
+        return _stack(self.model.transformer.prelude, self.model.embed(ids), rest)
+
+    def _core_graph(self, state: Tensor, embedded: Tensor, *rest: Tensor) -> Graph:
+        x, fresh_k, fresh_v = _stack(self.model.transformer.core_block, self.model.core_input(state, embedded), rest)
+        return self.model.core_output(x), fresh_k, fresh_v
+
+    def _loop_graph(self, state: Tensor, embedded: Tensor, *rest: Tensor) -> Graph:
+        """`UNROLL` recurrences (shared cache): each reads the same cached keys, and only the last one's fresh
+        K/V are returned to be written."""
+        for _ in range(UNROLL):
+            state, fresh_k, fresh_v = self._core_graph(state, embedded, *rest)
+        return state, fresh_k, fresh_v
+
+    def _coda_graph(self, latents: Tensor, *rest: Tensor) -> Graph:
+        return _stack(self.model.transformer.coda, latents, rest)
+
+    def _pad(self, x: Tensor, call: StaticCall) -> Tensor:
+        missing = call.width - x.shape[1]
+        if missing == 0:
+            return x
+        return torch.cat((x, x[:, -1:].expand(-1, missing, *x.shape[2:])), dim=1)
+
+    def _run(
+        self, graph: Callable[..., Any], call: StaticCall, at: Positions, slots: list[int], *inputs: Tensor
+    ) -> Tensor:
+        cached = call.old_bias.shape[-1]
+        olds = []
+        for slot in slots:
+            keys, values = self.pool.cached(slot, call.rows, cached)
+            olds += [keys, values]
+        tensors = [*inputs, call.rotation, call.old_bias, call.new_bias, *olds]
+        _mark_dynamic(tensors, len(inputs), at.batch)
+        out, fresh_k, fresh_v = graph(*tensors)
+        for slot, k, v in zip(slots, fresh_k, fresh_v, strict=True):
+            self.pool.write_fresh(slot, at, _real(k, call), _real(v, call))
+        return out[:, : at.width] if call.width != at.width else out
+
+    def warmup(self, rows: Sequence[int] = (1, 2), widths: Sequence[int] = WIDTHS, progress: bool = False) -> float:
+        """Compile every graph that calls of these row counts and widths reach (a row count from 2 on serves all
+        larger ones): each stage on dummy inputs, whose cache writes land where no request reads (rows are free
+        before the engine runs anything). Returns the seconds it took; `progress` shows a bar on stderr."""
+        config, device, dtype = self.model.config, self.model.device, self.model.dtype
+        shapes = [(b, w) for b, w in itertools.product(rows, widths) if b <= self.pool.rows]
+        began = time.perf_counter()
+        with _bar(len(shapes), progress) as advance:
+            for batch, width in shapes:
+                # Inference tensors, as the engine's: a graph's guards tell them apart from ordinary ones.
+                with torch.inference_mode():
+                    at = self.model.positions([MIN_CACHED] * batch, [width] * batch, slice(0, batch))
+                    ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+                    state = torch.zeros(batch, width, config.n_embd, device=device, dtype=dtype)
+                    e = self.prelude(ids, at, self.pool)
+                    self.recur(state, e, UNROLL + 1, at, self.pool)
+                    self.coda(state, at, self.pool)
+                advance()
+        return time.perf_counter() - began
+
+
+def _stack(layers: Any, x: Tensor, rest: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    rotation, old_bias, new_bias, olds = rest[0], rest[1], rest[2], rest[3:]
+    fresh_k: list[Tensor] = []
+    fresh_v: list[Tensor] = []
+    for layer, k_old, v_old in zip(layers, olds[0::2], olds[1::2], strict=True):
+        x = _layer(layer, x, rotation, old_bias, new_bias, k_old, v_old, fresh_k, fresh_v)
+    return x, fresh_k, fresh_v
+
+
+def _layer(
+    layer: Block,
+    x: Tensor,
+    rotation: Tensor,
+    old_bias: Tensor,
+    new_bias: Tensor,
+    k_old: Tensor,
+    v_old: Tensor,
+    fresh_k: list[Tensor],
+    fresh_v: list[Tensor],
+) -> Tensor:
+    def attend(h: Tensor) -> Tensor:
+        q, k, v = layer.attn.project(h, rotation)
+        fresh_k.append(k)
+        fresh_v.append(v)
+        out = prefix_attention(q, k.transpose(1, 2), v.transpose(1, 2), k_old, v_old, old_bias, new_bias)
+        return layer.attn.output(out)
+
+    return layer.mix(x, attend)
+
+
+def _real(x: Tensor, call: StaticCall) -> Tensor:
+    """[N, G, h] the real queries' entries of a graph's fresh K or V [B, W, G, h]."""
+    flat = x.flatten(0, 1)
+    return flat if call.real is None else flat[call.real]
+
+
+def _mark_dynamic(tensors: list[Tensor], inputs: int, batch: int) -> None:
+    """The cached keys (and from two rows on, the rows) are dynamic dimensions: one graph for all their values."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    old_bias, olds = tensors[inputs + 1], tensors[inputs + 3 :]
+    mark(old_bias, 3)
+    for t in olds:
+        mark(t, 2)
+    if batch >= 2:
+        for t in tensors:
+            if t.shape[0] == batch:
+                mark(t, 0)
+
+
+@contextlib.contextmanager
+def _bar(total: int, show: bool) -> Iterator[Callable[[], None]]:
+    """A progress bar over the warm-up's shapes on stderr, or nothing."""
+    if not show:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("compiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("compile", total=total)
+        yield lambda: bar.advance(task)

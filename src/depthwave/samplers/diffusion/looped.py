@@ -1,0 +1,178 @@
+"""The diffusion sampler for models whose whole stack is the loop (Ouro): a wavefront over loops.
+
+Huginn's diffusion sampler keeps refining a position's state while its token changes, because the token's embedding
+is injected at every recurrence. An Ouro model has no injection: the token enters only as loop 0's input. So here a
+position's state restarts from its token's embedding whenever that token changes, and the wavefront pipelines the
+loops instead:
+
+* every sampler step runs `inner_recurrence` loops on every position in flight (one pass, the shared cache: one
+  K/V slot per layer and position, so a position at loop t sees earlier positions through their latest loop);
+* each position's prediction re-proposes the next position's token; a draft that changes restarts from loop 0;
+* the leftmost position in flight is final once it has run `num_steps` loops (the model's total, by default) since
+  its token was last set, or, with freeze "latent-diff", once its normalised latent change over a step is at most
+  ε; its prediction is then the next position's final token;
+* at most `max_wavefront` positions are in flight; a new draft opens behind the last one each step.
+
+With `max_wavefront=1` a position runs all its loops before the next one opens: static decoding on the shared
+cache, token for token (`tests/test_ouro.py`). Momentum acts on injected embeddings, so it has no effect here; noise
+is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from torch import Tensor
+
+from depthwave.engine.policy import Chunk, EngineContext, PassResult, Policy, Sizing
+from depthwave.engine.request import Request
+from depthwave.engine.selection import SamplingParams
+from depthwave.errors import InvalidParameterError
+from depthwave.model.config import HuginnConfig
+from depthwave.samplers.diffusion.params import DiffusionParams
+from depthwave.samplers.ops import token_budget
+
+Members = list[tuple["LoopWavefrontPolicy", int]]
+
+
+class LoopWavefrontPolicy(Policy):
+    """One request's wavefront over loops: final positions below `low`, drafts in [low, high)."""
+
+    def __init__(self, request: Request, ctx: EngineContext) -> None:
+        super().__init__(request, ctx)
+        self.params = cast(DiffusionParams, request.sampler)
+        self.loops = self.params.num_steps or ctx.model.config.mean_recurrence
+        self.low = self.high = 0
+        self.counts: list[int] = []  # loops run since each in-flight position's token was set
+        self.step = 0
+        self.core_steps = 0
+        self.per_token: list[int] = []
+        self.wavefront = 0
+
+    @staticmethod
+    def size(params: DiffusionParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:
+        if params.cache_mode != "shared":
+            raise InvalidParameterError(
+                "cache_mode: the loop wavefront needs the shared cache (positions in one pass run different loops)"
+            )
+        if params.noise > 0 or params.mode != "default" or params.freeze not in ("latent-diff", "fixed"):
+            raise InvalidParameterError(
+                "on an Ouro model the diffusion sampler takes freeze 'latent-diff' or 'fixed', no noise and mode "
+                "'default'"
+            )
+        budget = token_budget(prompt_len, sampling, config)
+        cap = params.max_wavefront or config.block_size
+        positions = min(config.block_size, prompt_len + budget + cap + 1)
+        return Sizing(budget, positions, positions + 1, params.num_steps or config.mean_recurrence)
+
+    def start(self) -> None:
+        pass
+
+    def chunk(self) -> Chunk:
+        if self.high == 0:  # the prompt, through every loop: its prediction is the first final token
+            n = self.prompt_len
+            init = self.ctx.buffers.states.new_zeros(n, self.ctx.buffers.width)  # the model starts it from e
+            return Chunk(0, n, self.loops, n - 1, init=init, context=n)
+        size = self.high - self.low
+        context = [self.low + j + 1 for j in range(size)]
+        return Chunk(self.low, size, self.params.inner_recurrence, 0, accumulate=True, context=context)
+
+    @classmethod
+    def prepare(cls, members: list[tuple[Policy, int]], result: PassResult) -> list[Tensor]:
+        """Per request: its proposals, then each position's normalised latent change over the pass."""
+        out: list[Tensor] = []
+        for policy, index in cast(Members, members):
+            size = result.chunks[index].size
+            before, after = result.wave_in[index, :size], result.wave_out[index, :size]
+            change = (after - before).norm(dim=-1) / after.norm(dim=-1).clamp_min(1e-12)
+            out += [result.tokens_of(index), change if policy.high else change[:0]]
+        return out
+
+    @classmethod
+    def decide(cls, members: list[tuple[Policy, int]], fetched: list[list[float]], result: PassResult) -> None:
+        for n, (policy, index) in enumerate(cast(Members, members)):
+            proposals, changes = fetched[2 * n], fetched[2 * n + 1]
+            policy.advance([int(t) for t in proposals], changes, result.chunks[index].size)
+
+    def advance(self, proposals: list[int], changes: list[float], size: int) -> None:
+        """proposals[j] is the prediction of position start + j of the pass (start: `low` before this step)."""
+        if self.high == 0:
+            self.low = self.high = self.prompt_len
+            self._open(proposals[-1])
+            self._emit([proposals[-1]], [self.loops])
+            return
+        start, end = self.low, self.high
+        self.step += 1
+        self.wavefront += size
+        self.core_steps += self.params.inner_recurrence * size
+        self.counts = [c + self.params.inner_recurrence for c in self.counts]
+        final, spent = self._freeze(proposals, changes)
+        for position in range(self.low + 1, min(self.high, end + 1)):  # drafts follow their predecessors
+            self._set(position, proposals[position - 1 - start])
+        if self._emit(final, spent):
+            return
+        if self.high == end and self.high - self.low < (self.params.max_wavefront or self.high + 1):
+            self._open(proposals[end - 1 - start])
+        if self.step >= self.params.max_sampler_steps:
+            self.finish("length")
+
+    def _freeze(self, proposals: list[int], changes: list[float]) -> tuple[list[int], list[int]]:
+        """Freeze from the left; each frozen position's prediction makes the next token final."""
+        first = self.low
+        final: list[int] = []
+        spent: list[int] = []
+        latent = self.params.freeze == "latent-diff"
+        while self.low < self.high:
+            j, count = self.low - first, self.counts[0]
+            if not (count >= self.loops or (latent and count > 0 and changes[j] <= self.params.exit_threshold)):
+                break
+            token = proposals[j]
+            final.append(token)
+            spent.append(count)
+            self.counts.pop(0)
+            self.low += 1
+            if self.low < self.high:
+                self._set(self.low, token)
+            else:
+                self._open(token)
+        return final, spent
+
+    def _set(self, position: int, token: int) -> None:
+        """A draft's token; a change restarts it from loop 0 (its embedding)."""
+        buffers = self.ctx.buffers
+        if int(buffers.tokens[self.row, position]) != token:
+            buffers.tokens[self.row, position] = token
+            buffers.counts[self.row, position] = 0
+            self.counts[position - self.low] = 0
+
+    def _open(self, token: int) -> None:
+        buffers = self.ctx.buffers
+        buffers.tokens[self.row, self.high] = token
+        buffers.counts[self.row, self.high] = 0
+        self.counts.append(0)
+        self.high += 1
+
+    def _emit(self, tokens: list[int], spent: list[int]) -> bool:
+        output = self.request.output
+        assert output is not None
+        self.per_token += spent
+        if output.emit(tokens):
+            self.finish("stop")
+        elif output.full:
+            self.finish("length")
+        return self.done
+
+    def finalize_stats(self) -> Any:
+        from depthwave.samplers.diffusion.policy import DiffusionStats
+
+        steps, per_token = self.step, self.per_token
+        return DiffusionStats(
+            core_steps=self.core_steps,
+            sampler_steps=steps,
+            recurrences_per_token=per_token,
+            mean_recurrences_per_token=sum(per_token) / len(per_token) if per_token else 0.0,
+            sequential_core_steps=self.loops + self.params.inner_recurrence * steps,
+            mean_wavefront=self.wavefront / steps if steps else 0.0,
+            tokens_per_sampler_step=len(per_token) / steps if steps else 0.0,
+            hit_max_sampler_steps=steps >= self.params.max_sampler_steps,
+        )

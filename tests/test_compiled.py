@@ -1,0 +1,166 @@
+"""The compiled pass (`EngineConfig(compile=True)`): the same greedy tokens as the eager pass for every sampler, batch
+invariance, one graph per stage and bucket with no breaks, and no recompilation after warm-up in a long mixed run.
+
+Most checks use the aot_eager backend: the same graphs, guards and padding as inductor, without generating code, so
+they take seconds. Static and diffusion decoding on the built-in model also run under inductor, the backend users get,
+whose kernels round differently (about 11 minutes for all four samplers, so two stand for the rest)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from depthwave import LLM, SamplingParams
+from depthwave.engine import Engine, EngineConfig, Request
+from depthwave.model import compiled
+from depthwave.model.compiled import StaticCall, static_call
+from depthwave.samplers import registry
+from depthwave.samplers.frontend import Sampler
+from tests.conftest import fixture_dir
+
+pytestmark = pytest.mark.slow
+
+SHARED = {"static": {"cache_mode": "shared"}, "speculative": {"cache_mode": "shared"}}
+QUESTIONS = [
+    "Sara buys 8 pens for 58 dollars each and 6 cups for 54 dollars each. How many dollars does Sara spend?",
+    "Tom buys 5 shirts for 40 dollars each and 7 hats for 80 dollars each. How many dollars does Tom spend?",
+    "A shop gets 26 stamps on Wednesday, 68 stamps on Friday and 92 stamps on Tuesday. It sells 168 stamps.",
+]
+
+
+def sampler(name: str, **extra: Any) -> Any:
+    return registry.make(name, **{**SHARED.get(name, {}), **extra})
+
+
+def generate(
+    llm: LLM, prompts: list[list[int]], name: str, compile: bool, rows: int, tokens: int = 48, **extra: Any
+) -> list[Any]:
+    params = sampler(name, **extra)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=tokens, seed=0)
+    requests = [Request(p, sampling, params) for p in prompts]
+    engine = llm.engine(requests, params.cache_mode, max_num_seqs=rows, compile=compile)
+    return [r.token_ids for r in engine.run(requests)]
+
+
+@pytest.fixture
+def aot_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+
+
+@pytest.mark.parametrize(
+    "name, backend",
+    [("static", "inductor"), ("diffusion", "inductor"), ("adaptive", "aot_eager"), ("speculative", "aot_eager")],
+)
+def test_compiled_gives_the_eager_tokens_on_the_builtin_model(
+    builtin_llm: LLM, name: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compiled, "BACKEND", backend)
+    prompts = [builtin_llm.encode(q, chat=True) for q in QUESTIONS]
+    eager = generate(builtin_llm, prompts, name, compile=False, rows=1)
+    assert generate(builtin_llm, prompts, name, compile=True, rows=1) == eager
+    # Batched and compiled: the same tokens as one at a time (rows of 2 and 3 share one graph per bucket).
+    assert generate(builtin_llm, prompts, name, compile=True, rows=3) == eager
+
+
+@pytest.mark.parametrize("fixture", ["reference-huginn-layout-a"])
+@pytest.mark.usefixtures("aot_eager")
+def test_compiled_gives_the_eager_tokens_on_the_fixtures(fixture: str) -> None:
+    llm = LLM(fixture_dir(fixture), device="cpu", dtype="float32")
+    prompts = [[496, 487, 219, 228, 408], [17, 33, 210, 5, 91, 12, 8]]
+    for name in ("diffusion",):  # the wavefront's many shapes; static runs compiled on the built-in model
+        extra = {"init_scale": 0.0}
+        eager = generate(llm, prompts, name, compile=False, rows=2, tokens=16, **extra)
+        assert generate(llm, prompts, name, compile=True, rows=2, tokens=16, **extra) == eager, name
+
+
+def test_compiled_stages_agree_with_eager_within_float_tolerance(builtin_llm: LLM) -> None:
+    """Under inductor: its kernels round differently from eager, within float tolerance."""
+    model = builtin_llm.model
+    engine = Engine(model, None, (), EngineConfig(max_num_seqs=2, max_model_len=64, compile=True))
+    pool, stages = engine.pool, engine.stages
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        prompt = model.positions([0, 0], [20, 20], slice(0, 2))
+        model.prelude(torch.randint(0, 500, (2, 20)), prompt, pool)  # eager prefill fills the cache
+        at = model.positions([20, 17], [3, 4], slice(0, 2))
+        state = torch.randn(2, 4, model.config.n_embd)
+        ids = torch.randint(0, 500, (2, 4))
+        eager = model.core_step(state, model.prelude(ids, at, pool), at, pool)
+        at = model.positions([20, 17], [3, 4], slice(0, 2))
+        fast = stages.core_step(state, stages.prelude(ids, at, pool), at, pool)  # type: ignore[union-attr]
+    valid = at.valid()
+    torch.testing.assert_close(fast[valid], eager[valid], rtol=1e-4, atol=1e-4)
+
+
+def test_static_calls_pad_to_a_bucket_and_refuse_what_must_run_eagerly(builtin_llm: LLM) -> None:
+    model = builtin_llm.model
+    call = static_call(model.positions([10, 12], [3, 1], slice(0, 2)), model.rope)
+    assert isinstance(call, StaticCall) and call.width == 4
+    assert call.old_bias.shape == (2, 1, 1, 12) and call.new_bias.shape == (2, 1, 4, 4)
+    assert call.real is not None and call.real.tolist() == [0, 1, 2, 4]
+    assert torch.isinf(call.old_bias[0, 0, 0, 10:]).all() and not torch.isinf(call.old_bias[1, 0, 0]).any()
+    assert static_call(model.positions([10], [9], slice(0, 1)), model.rope) is None  # wider than 8
+    assert static_call(model.positions([1], [1], slice(0, 1)), model.rope) is None  # one cached key
+    assert static_call(model.positions([0], [20], slice(0, 1)), model.rope) is None  # a prefill from 0
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_no_graph_breaks_and_no_recompiles_after_warmup_in_a_mixed_run(builtin_llm: LLM) -> None:
+    """64 requests of all four samplers (shared cache) through one engine of 16 rows with continuous batching."""
+    torch._dynamo.reset()
+    counters.clear()
+    llm = builtin_llm
+    engine = Engine(llm.model, llm.tokenizer, llm.stop_token_ids, EngineConfig(max_num_seqs=16, compile=True))
+    engine.warmup()
+    warm = counters["stats"]["unique_graphs"]
+    names = ["static", "adaptive", "speculative", "diffusion"]
+    requests = [
+        Request(
+            llm.encode(QUESTIONS[i % 3], chat=True),
+            SamplingParams(temperature=0.0, max_new_tokens=4 + i % 5, seed=i),
+            sampler(names[i % 4], **({"num_steps": 4} if names[i % 4] != "diffusion" else {})),
+        )
+        for i in range(64)
+    ]
+    results = engine.run(requests)
+    assert len(results) == 64 and all(r.token_ids for r in results)
+    assert counters["stats"]["unique_graphs"] == warm, "a graph was compiled after warm-up"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_llm_reuses_its_compiled_engine_across_calls() -> None:
+    """Graphs are specialised to an engine's KV pool: `LLM` keeps its compiled engine, so a second call compiles
+    nothing and reports its own statistics."""
+    torch._dynamo.reset()
+    counters.clear()
+    llm = LLM("builtin", device="cpu", max_num_seqs=2, compile=True)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=8)
+    first, first_stats = llm.run_with_stats([Request(llm.encode(QUESTIONS[0], chat=True), sampling, sampler("static"))])
+    graphs = counters["stats"]["unique_graphs"]
+    again, again_stats = llm.run_with_stats([Request(llm.encode(QUESTIONS[0], chat=True), sampling, sampler("static"))])
+    assert counters["stats"]["unique_graphs"] == graphs > 0
+    assert again[0].token_ids == first[0].token_ids
+    assert again_stats.decode_passes == first_stats.decode_passes
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_the_one_prompt_front_end_reuses_its_compiled_engine(builtin_llm: LLM) -> None:
+    torch._dynamo.reset()
+    counters.clear()
+    one = Sampler(builtin_llm.model, builtin_llm.tokenizer, builtin_llm.stop_token_ids, sampler("static"), compile=True)
+    ids = builtin_llm.encode(QUESTIONS[1], chat=True)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=8)
+    first = one.generate(ids, sampling)
+    graphs = counters["stats"]["unique_graphs"]
+    abandoned = one.stream(ids, sampling)
+    next(iter(abandoned))  # a stream left unfinished: its engine is not reused
+    assert one.generate(ids, sampling).token_ids == first.token_ids
+    assert one.generate(ids, sampling).token_ids == first.token_ids
+    assert counters["stats"]["unique_graphs"] <= 2 * graphs
+    torch._dynamo.reset()
