@@ -60,7 +60,6 @@ from depthwave.model.config import HuginnConfig
 from depthwave.model.kv_cache import CACHE_MODES, CacheMode
 from depthwave.model.ouro import exit_defaults
 from depthwave.model.positions import Positions
-from depthwave.samplers.ops import token_budget
 from depthwave.samplers.static import StaticPolicy
 
 Criterion = Literal["latent-diff", "kl", "minp-kl", "entropy-diff", "argmax-stability", "cosine", "gate", "none"]
@@ -323,13 +322,7 @@ class AdaptivePolicy(StaticPolicy):
     def size(params: AdaptiveParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:  # type: ignore[override]
         if params.criterion == "gate" and not config.looped_stack:
             raise InvalidParameterError(f"criterion 'gate' needs a model with an exit gate (Ouro), not {config.family}")
-        if params.continuous_compute and config.looped_stack:
-            raise InvalidParameterError(
-                "continuous_compute: an Ouro model's recurrence starts from the token's embedding, not from a latent"
-            )
-        budget = token_budget(prompt_len, sampling, config)
-        cache = prompt_len + budget - 1 if budget > 1 else prompt_len
-        return Sizing(budget, cache, prompt_len + budget, params.num_steps or config.mean_recurrence)
+        return StaticPolicy.size(params, prompt_len, sampling, config)  # type: ignore[arg-type]
 
     def chunk(self) -> Chunk:
         chunk = super().chunk()

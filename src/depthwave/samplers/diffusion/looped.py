@@ -43,7 +43,10 @@ class LoopWavefrontPolicy(Policy):
         self.params = cast(DiffusionParams, request.sampler)
         self.loops = self.params.num_steps or ctx.model.config.mean_recurrence
         self.low = self.high = 0
-        self.counts: list[int] = []  # loops run since each in-flight position's token was set
+        # The in-flight positions [low, high): their tokens (kept on the host, so a step reads no device value to
+        # compare proposals) and the loops each has run since its token was set.
+        self.drafts: list[int] = []
+        self.counts: list[int] = []
         self.step = 0
         self.core_steps = 0
         self.per_token: list[int] = []
@@ -130,6 +133,7 @@ class LoopWavefrontPolicy(Policy):
             final.append(token)
             spent.append(count)
             self.counts.pop(0)
+            self.drafts.pop(0)
             self.low += 1
             if self.low < self.high:
                 self._set(self.low, token)
@@ -139,16 +143,18 @@ class LoopWavefrontPolicy(Policy):
 
     def _set(self, position: int, token: int) -> None:
         """A draft's token; a change restarts it from loop 0 (its embedding)."""
-        buffers = self.ctx.buffers
-        if int(buffers.tokens[self.row, position]) != token:
+        j = position - self.low
+        if self.drafts[j] != token:
+            buffers = self.ctx.buffers
             buffers.tokens[self.row, position] = token
             buffers.counts[self.row, position] = 0
-            self.counts[position - self.low] = 0
+            self.drafts[j], self.counts[j] = token, 0
 
     def _open(self, token: int) -> None:
         buffers = self.ctx.buffers
         buffers.tokens[self.row, self.high] = token
         buffers.counts[self.row, self.high] = 0
+        self.drafts.append(token)
         self.counts.append(0)
         self.high += 1
 
