@@ -108,6 +108,30 @@ def test_static_calls_pad_to_a_bucket_and_refuse_what_must_run_eagerly(builtin_l
 
 
 @pytest.mark.usefixtures("aot_eager")
+def test_key_blocks_as_on_cuda_pad_the_cached_keys_and_keep_the_eager_tokens(builtin_llm: LLM) -> None:
+    """CUDA graphs record one graph per shape, so on CUDA the cached keys are read in blocks of 64 (the bias hides
+    the extra ones). The same padding on the CPU, with a block of 16, must not change a token."""
+    model = builtin_llm.model
+    call = static_call(model.positions([10, 12], [3, 1], slice(0, 2)), model.rope, key_block=16, max_keys=40)
+    assert call is not None and call.old_bias.shape == (2, 1, 1, 16)
+    assert torch.isinf(call.old_bias[0, 0, 0, 10:]).all() and torch.isinf(call.old_bias[1, 0, 0, 12:]).all()
+    capped = static_call(model.positions([33], [1], slice(0, 1)), model.rope, key_block=16, max_keys=40)
+    assert capped is not None and capped.old_bias.shape[-1] == 40
+    prompts = [builtin_llm.encode(q, chat=True) for q in QUESTIONS[:2]]
+    for name in ("static", "diffusion"):
+        params = sampler(name)
+        sampling = SamplingParams(temperature=0.0, max_new_tokens=24, seed=0)
+        runs = []
+        for block in (None, 16):
+            requests = [Request(p, sampling, params) for p in prompts]
+            engine = builtin_llm.engine(requests, params.cache_mode, max_num_seqs=2)  # a fresh engine each time
+            if block is not None:
+                engine.stages = compiled.CompiledModel(model, engine.pool, key_block=block)
+            runs.append([r.token_ids for r in engine.run(requests)])
+        assert runs[0] == runs[1], name
+
+
+@pytest.mark.usefixtures("aot_eager")
 def test_no_graph_breaks_and_no_recompiles_after_warmup_in_a_mixed_run(builtin_llm: LLM) -> None:
     """64 requests of all four samplers (shared cache) through one engine of 16 rows with continuous batching."""
     torch._dynamo.reset()

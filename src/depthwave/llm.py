@@ -16,6 +16,7 @@ from depthwave.engine.request import GenerationResult, Request, StepOutput
 from depthwave.engine.selection import SamplingParams
 from depthwave.errors import InvalidParameterError, PromptError
 from depthwave.model.loading import load_model, resolve_model_dir
+from depthwave.model.model import RecurrentDepthModel
 from depthwave.model.tokenizer import default_stop_ids, load_tokenizer
 from depthwave.runtime import apply_threads, resolve_device
 from depthwave.samplers import registry
@@ -27,7 +28,7 @@ Prompt = str | Sequence[int]
 class LLM:
     def __init__(
         self,
-        model: str | Path,
+        model: str | Path | RecurrentDepthModel,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         revision: str | None = None,
@@ -38,13 +39,23 @@ class LLM:
         """`threads`: torch's CPU threads, set for the whole process (default: one for models under 512 wide,
         where a second thread does not pay and collapses when another process holds a core; else every available
         core; OMP_NUM_THREADS, when set, wins over the default). See `depthwave.runtime`. `compile`: every engine
-        runs its decode passes as compiled graphs (`depthwave.model.compiled`)."""
-        self.folder = resolve_model_dir(model, revision)
-        resolved = resolve_device(device)
-        self.model = load_model(self.folder, resolved, dtype)
-        self.threads = apply_threads(self.model.config.n_embd, resolved, threads)
-        self.tokenizer = load_tokenizer(self.folder)
-        self.stop_token_ids = default_stop_ids(self.folder, self.model.config, self.tokenizer)
+        runs its decode passes as compiled graphs (`depthwave.model.compiled`).
+
+        `model`: a folder, a hub id or "builtin"; or a model in memory (benchmarks of random models), which has no
+        tokenizer and no stop tokens, and stays on its own device and dtype."""
+        if isinstance(model, RecurrentDepthModel):
+            self.folder: Path | None = None
+            self.model = model
+            self.threads = apply_threads(model.config.n_embd, model.device, threads)
+            self.tokenizer = None
+            self.stop_token_ids: list[int] = []
+        else:
+            self.folder = resolve_model_dir(model, revision)
+            resolved = resolve_device(device)
+            self.model = load_model(self.folder, resolved, dtype)
+            self.threads = apply_threads(self.model.config.n_embd, resolved, threads)
+            self.tokenizer = load_tokenizer(self.folder)
+            self.stop_token_ids = default_stop_ids(self.folder, self.model.config, self.tokenizer)
         self.max_num_seqs = max_num_seqs
         self.compile = compile
         self._compiled: dict[tuple[str, int], Engine] = {}
@@ -65,7 +76,7 @@ class LLM:
             return as_token_ids(prompt)
         check_text(prompt)
         if self.tokenizer is None:
-            raise PromptError(f"{self.folder} has no tokenizer.json; give the prompt as token ids")
+            raise PromptError(f"{self.folder or 'this model'} has no tokenizer.json; give the prompt as token ids")
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}
@@ -80,7 +91,7 @@ class LLM:
     def encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a whole conversation (system, few-shot turns, question) in the model's chat template."""
         if self.tokenizer is None:
-            raise PromptError(f"{self.folder} has no tokenizer.json; chat messages need one")
+            raise PromptError(f"{self.folder or 'this model'} has no tokenizer.json; chat messages need one")
         for message in messages:
             check_text(str(message.get("content", "")), "a message")
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(list(messages)), add_special_tokens=False)

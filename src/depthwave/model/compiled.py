@@ -46,6 +46,10 @@ UNROLL = 4
 """Recurrences per graph of `recur` (a diffusion step's r' = 4 is one call; static decoding's 32 are eight)."""
 MIN_CACHED = 2
 """Cached keys a compiled call needs at least (a dynamic dimension is never 0 or 1)."""
+CUDA_KEY_BLOCK = 64
+"""On CUDA the cached keys a call reads are rounded up to a multiple of this (the bias hides the extra ones):
+CUDA graphs record one graph per concrete shape, so a key length that grows by one every pass would record a graph
+per pass. On the CPU the key length is a dynamic dimension of one graph and is not padded."""
 
 
 @dataclass
@@ -68,12 +72,15 @@ def bucket(width: int) -> int | None:
     return next((w for w in WIDTHS if w >= width), None)
 
 
-def static_call(at: Positions, rope: Tensor) -> StaticCall | None:
-    """The call `at` for the compiled pass, or None when it must run eagerly. Built once per call (memoised)."""
+def static_call(at: Positions, rope: Tensor, key_block: int = 1, max_keys: int | None = None) -> StaticCall | None:
+    """The call `at` for the compiled pass, or None when it must run eagerly. Built once per call (memoised). The
+    cached keys read are rounded up to a multiple of `key_block`, at most `max_keys`."""
     if "static" in at.memo:
         return at.memo["static"]
     width = bucket(at.width)
     cached = max(at.starts)
+    if key_block > 1:
+        cached = min(-(-cached // key_block) * key_block, max_keys or cached)
     call = None if width is None or cached < MIN_CACHED or at.is_causal else _build(at, rope, width, cached)
     at.memo["static"] = call
     return call
@@ -87,7 +94,8 @@ def _build(at: Positions, rope: Tensor, width: int, cached: int) -> StaticCall:
     seen = keys[None, :] < starts[:, None]
     if at.mask is not None:
         # The first query of a row sees every earlier key that is visible at all (hidden keys stay hidden).
-        seen = seen & at.mask[:, 0, 0, :cached]
+        first = at.mask[:, 0, 0, :cached]
+        seen[:, : first.shape[-1]] &= first
     pos = at.pos if width == at.width else torch.cat((at.pos, at.pos[:, -1:].expand(-1, width - at.width)), dim=1)
     queries = torch.arange(width, device=device)
     own = (queries[None, :] <= queries[:, None])[None] & (queries[None, None, :] < sizes[:, None, None])
@@ -112,8 +120,11 @@ class CompiledModel:
     """The model's stages as compiled graphs over one KV pool; `prelude`, `core_step` and `coda` as the eager
     model's. `mode`: torch.compile's (None on the CPU; "reduce-overhead" for CUDA graphs)."""
 
-    def __init__(self, model: RecurrentDepthModel, pool: KVPool, mode: str | None = None) -> None:
+    def __init__(
+        self, model: RecurrentDepthModel, pool: KVPool, mode: str | None = None, key_block: int | None = None
+    ) -> None:
         self.model, self.pool = model, pool
+        self.key_block = key_block or (CUDA_KEY_BLOCK if model.device.type == "cuda" else 1)
         # Derived config values are computed (and cached) here, outside any graph: tracing their first
         # computation would meet functools.cached_property's lock.
         _ = model.config.embed_scale
@@ -129,14 +140,14 @@ class CompiledModel:
 
     # ---- the stages -----------------------------------------------------------------------------------------
     def prelude(self, input_ids: Tensor, at: Positions, cache: KVPool) -> Tensor:
-        call = static_call(at, self.model.rope)
+        call = static_call(at, self.model.rope, self.key_block, self.pool.max_length)
         if call is None:
             return self.model.prelude(input_ids, at, cache)
         slots = [cache.prelude_slot(i) for i in range(self.model.config.n_layers_in_prelude)]
         return self._run(self._prelude, call, at, slots, self._pad(input_ids, call))
 
     def core_step(self, state: Tensor, embedded: Tensor, at: Positions, cache: KVPool, step: int = 0) -> Tensor:
-        call = static_call(at, self.model.rope)
+        call = static_call(at, self.model.rope, self.key_block, self.pool.max_length)
         if call is None:
             return self.model.core_step(state, embedded, at, cache, step)
         slots = [cache.core_slot(step, j) for j in range(self.model.config.n_layers_in_recurrent_block)]
@@ -147,7 +158,7 @@ class CompiledModel:
     ) -> Tensor:
         """`num_steps` recurrences: with the shared cache, `UNROLL` of them per graph (each layer's K/V of the
         last one is what the cache keeps), the rest one by one."""
-        call = static_call(at, self.model.rope)
+        call = static_call(at, self.model.rope, self.key_block, self.pool.max_length)
         if call is None or cache.max_steps is not None:
             for step in range(first_step, first_step + num_steps):
                 state = self.core_step(state, embedded, at, cache, step)
@@ -161,7 +172,7 @@ class CompiledModel:
         return state
 
     def coda(self, state: Tensor, at: Positions, cache: KVPool) -> tuple[Tensor, Tensor]:
-        call = static_call(at, self.model.rope)
+        call = static_call(at, self.model.rope, self.key_block, self.pool.max_length)
         if call is None:
             return self.model.coda(state, at, cache)
         latents = self.model.transformer.ln_f(state) if self.model.config.norm_before_coda else state
