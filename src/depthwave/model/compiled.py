@@ -140,14 +140,14 @@ class CompiledModel:
 
     # ---- the stages -----------------------------------------------------------------------------------------
     def prelude(self, input_ids: Tensor, at: Positions, cache: KVPool) -> Tensor:
-        call = static_call(at, self.model.rope, self.key_block, self.pool.max_length)
+        call = self._call(at)
         if call is None:
             return self.model.prelude(input_ids, at, cache)
         slots = [cache.prelude_slot(i) for i in range(self.model.config.n_layers_in_prelude)]
         return self._run(self._prelude, call, at, slots, self._pad(input_ids, call))
 
     def core_step(self, state: Tensor, embedded: Tensor, at: Positions, cache: KVPool, step: int = 0) -> Tensor:
-        call = static_call(at, self.model.rope, self.key_block, self.pool.max_length)
+        call = self._call(at)
         if call is None:
             return self.model.core_step(state, embedded, at, cache, step)
         slots = [cache.core_slot(step, j) for j in range(self.model.config.n_layers_in_recurrent_block)]
@@ -158,7 +158,7 @@ class CompiledModel:
     ) -> Tensor:
         """`num_steps` recurrences: with the shared cache, `UNROLL` of them per graph (each layer's K/V of the
         last one is what the cache keeps), the rest one by one."""
-        call = static_call(at, self.model.rope, self.key_block, self.pool.max_length)
+        call = self._call(at)
         if call is None or cache.max_steps is not None:
             for step in range(first_step, first_step + num_steps):
                 state = self.core_step(state, embedded, at, cache, step)
@@ -172,7 +172,7 @@ class CompiledModel:
         return state
 
     def coda(self, state: Tensor, at: Positions, cache: KVPool) -> tuple[Tensor, Tensor]:
-        call = static_call(at, self.model.rope, self.key_block, self.pool.max_length)
+        call = self._call(at)
         if call is None:
             return self.model.coda(state, at, cache)
         latents = self.model.transformer.ln_f(state) if self.model.config.norm_before_coda else state
@@ -180,6 +180,9 @@ class CompiledModel:
         return self._run(self._coda, call, at, slots, self._pad(latents, call)), latents
 
     # ---- internals ------------------------------------------------------------------------------------------
+    def _call(self, at: Positions) -> StaticCall | None:
+        return static_call(at, self.model.rope, self.key_block, self.pool.max_length)
+
     # One function per stage (dynamo keeps its compiled graphs per function): each returns the stage's output and
     # every layer's fresh K/V; `rest` holds the rotation, the two biases, then each layer's cached K and V.
     Graph = tuple[Tensor, list[Tensor], list[Tensor]]
