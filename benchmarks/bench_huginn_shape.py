@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,4,16,64", help="diffusion's rows (static runs at B = 1)")
+    parser.add_argument("--no-static", action="store_true", help="diffusion only (gpu_check.sh splits its runs)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also run every configuration compiled")
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="datasheet bandwidth if not a known GPU")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     static = StaticParams(num_steps=args.num_steps, cache_mode="shared")
     diffusion = DiffusionParams(num_steps=args.num_steps)
     modes = (False, True) if args.compile else (False,)
-    configs = [("static", static, 1, c) for c in modes]
+    configs = [] if args.no_static else [("static", static, 1, c) for c in modes]
     configs += [("diffusion", diffusion, b, c) for b in batches for c in modes]
     warmups: dict[str, float] = {}
     for name, params, batch, compile in configs:  # compiles, kernels, the allocator; short runs

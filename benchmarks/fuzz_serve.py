@@ -131,9 +131,10 @@ def fuzz(url: str, examples: int, seed: int = 0, timeout: float = 120.0) -> Repo
                     raise
                 # An endpoint that takes no input (GET /health) has nothing to break.
     report.seconds = time.perf_counter() - began
-    body = {"prompt": "What is 3 + 4?", "max_tokens": 8, "temperature": 0}
-    after = httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
-    report.alive_after = after.status_code == 200 and bool(after.json()["choices"][0]["text"])
+    # A chat request: the built-in model answers questions in its chat format (a raw prompt may end at once).
+    body = {"messages": [{"role": "user", "content": "What is 3 + 4?"}], "max_tokens": 8, "temperature": 0}
+    after = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout)
+    report.alive_after = after.status_code == 200 and bool(after.json()["choices"][0]["message"]["content"])
     return report
 
 

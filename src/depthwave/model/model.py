@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +90,13 @@ class RecurrentDepthModel(nn.Module):
         if weight.device.type != "meta" and self.rope.device != weight.device:
             self.reset_rope(weight.device)
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled stages that engines share (`compiled.graphs_for`) belong to this object: a copy or a pickled
+        # model compiles its own.
+        state = self.__dict__.copy()
+        state.pop("_compiled_graphs", None)
+        return state
 
     @property
     def device(self) -> torch.device:
@@ -276,7 +283,8 @@ class RecurrentDepthModel(nn.Module):
 def random_model(
     config: HuginnConfig, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> RecurrentDepthModel:
-    """A randomly initialised model in eval mode (for tests and benchmarks)."""
+    """A randomly initialised model in eval mode (for tests and benchmarks). The weights are drawn on `device` by its
+    own generator: a seed gives the same weights on every CPU, and other weights on a GPU."""
     with torch.device(device):
         model = RecurrentDepthModel(config)
     model.init_weights(torch.Generator(device=device).manual_seed(seed))

@@ -114,7 +114,10 @@ class LoopWavefrontPolicy(Policy):
             self._set(position, proposals[position - 1 - start])
         if self._emit(final, spent):
             return
-        if self.high == end and self.high - self.low < (self.params.max_wavefront or self.high + 1):
+        # Position p predicts token p + 1: a draft past the last one the budget needs would be thrown away (and
+        # could run past the model's context).
+        needed = self.high < self.prompt_len + self.request.budget - 1
+        if needed and self.high == end and self.high - self.low < (self.params.max_wavefront or self.high + 1):
             self._open(proposals[end - 1 - start])
         if self.step >= self.params.max_sampler_steps:
             self.finish("length")
