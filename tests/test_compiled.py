@@ -157,9 +157,24 @@ def test_no_graph_breaks_and_no_recompiles_after_warmup_in_a_mixed_run(builtin_l
 
 
 @pytest.mark.usefixtures("aot_eager")
+def test_a_second_engine_on_the_same_model_compiles_nothing() -> None:
+    """Dynamo keeps compiled graphs per stage function, guarded on the model and the inputs' shapes, not on an
+    engine or its KV pool: another engine, of another size, on the same model reuses every graph."""
+    torch._dynamo.reset()
+    counters.clear()
+    llm = LLM("builtin", device="cpu")
+    prompts = [llm.encode(q, chat=True) for q in QUESTIONS[:2]]
+    first = generate(llm, prompts, "static", compile=True, rows=2, tokens=8)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    assert generate(llm, prompts, "static", compile=True, rows=3, tokens=8) == first
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("aot_eager")
 def test_llm_reuses_its_compiled_engine_across_calls() -> None:
-    """Graphs are specialised to an engine's KV pool: `LLM` keeps its compiled engine, so a second call compiles
-    nothing and reports its own statistics."""
+    """`LLM` keeps its compiled engine, so a second call compiles nothing and reports its own statistics."""
     torch._dynamo.reset()
     counters.clear()
     llm = LLM("builtin", device="cpu", max_num_seqs=2, compile=True)

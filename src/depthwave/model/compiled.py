@@ -116,13 +116,16 @@ def _bias(visible: Tensor) -> Tensor:
     return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
-class Graphs:
-    """A model's compiled stage functions for one compile mode and backend. Dynamo keeps its compiled graphs per
-    function, so every engine on the same model shares these (`graphs_for`): a second engine (another batch size,
-    another LLM.generate call) compiles nothing again."""
+class CompiledModel:
+    """The model's stages as compiled graphs over one KV pool; `prelude`, `core_step` and `coda` as the eager
+    model's. `mode`: torch.compile's (None on the CPU; "reduce-overhead" for CUDA graphs)."""
 
-    def __init__(self, model: RecurrentDepthModel, mode: str | None) -> None:
-        self.model = model
+    def __init__(
+        self, model: RecurrentDepthModel, pool: KVPool, mode: str | None = None, key_block: int | None = None
+    ) -> None:
+        self.model, self.pool = model, pool
+        self.cuda_graphs = mode == "reduce-overhead"
+        self.key_block = key_block or (CUDA_KEY_BLOCK if model.device.type == "cuda" else 1)
         # Derived config values are computed (and cached) here, outside any graph: tracing their first
         # computation would meet functools.cached_property's lock.
         _ = model.config.embed_scale
@@ -131,10 +134,55 @@ class Graphs:
         )
         # One cache entry per (stage, width bucket, one row or more) and model: more than dynamo's default of 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.prelude = compiled(self._prelude_graph)
-        self.core = compiled(self._core_graph)
-        self.core_loop = compiled(self._loop_graph)
-        self.coda = compiled(self._coda_graph)
+        self._prelude = compiled(self._prelude_graph)
+        self._core = compiled(self._core_graph)
+        self._core_loop = compiled(self._loop_graph)
+        self._coda = compiled(self._coda_graph)
+
+    # ---- the stages -----------------------------------------------------------------------------------------
+    def prelude(self, input_ids: Tensor, at: Positions, cache: KVPool) -> Tensor:
+        call = self._call(at)
+        if call is None:
+            return self.model.prelude(input_ids, at, cache)
+        slots = [cache.prelude_slot(i) for i in range(self.model.config.n_layers_in_prelude)]
+        return self._run(self._prelude, call, at, slots, self._pad(input_ids, call))
+
+    def core_step(self, state: Tensor, embedded: Tensor, at: Positions, cache: KVPool, step: int = 0) -> Tensor:
+        call = self._call(at)
+        if call is None:
+            return self.model.core_step(state, embedded, at, cache, step)
+        slots = [cache.core_slot(step, j) for j in range(self.model.config.n_layers_in_recurrent_block)]
+        return self._run(self._core, call, at, slots, self._pad(state, call), self._pad(embedded, call))
+
+    def recur(
+        self, state: Tensor, embedded: Tensor, num_steps: int, at: Positions, cache: KVPool, first_step: int = 0
+    ) -> Tensor:
+        """`num_steps` recurrences: with the shared cache, `UNROLL` of them per graph (each layer's K/V of the
+        last one is what the cache keeps), the rest one by one."""
+        call = self._call(at)
+        if call is None or cache.max_steps is not None:
+            for step in range(first_step, first_step + num_steps):
+                state = self.core_step(state, embedded, at, cache, step)
+            return state
+        slots = [cache.core_slot(0, j) for j in range(self.model.config.n_layers_in_recurrent_block)]
+        padded_e = self._pad(embedded, call)
+        for _ in range(num_steps // UNROLL):
+            state = self._run(self._core_loop, call, at, slots, self._pad(state, call), padded_e)
+        for step in range(num_steps % UNROLL):
+            state = self.core_step(state, embedded, at, cache, first_step + step)
+        return state
+
+    def coda(self, state: Tensor, at: Positions, cache: KVPool) -> tuple[Tensor, Tensor]:
+        call = self._call(at)
+        if call is None:
+            return self.model.coda(state, at, cache)
+        latents = self.model.transformer.ln_f(state) if self.model.config.norm_before_coda else state
+        slots = [cache.coda_slot(i) for i in range(self.model.config.n_layers_in_coda)]
+        return self._run(self._coda, call, at, slots, self._pad(latents, call)), latents
+
+    # ---- internals ------------------------------------------------------------------------------------------
+    def _call(self, at: Positions) -> StaticCall | None:
+        return static_call(at, self.model.rope, self.key_block, self.pool.max_length)
 
     # One function per stage (dynamo keeps its compiled graphs per function): each returns the stage's output and
     # every layer's fresh K/V; `rest` holds the rotation, the two biases, then each layer's cached K and V.
@@ -156,74 +204,6 @@ class Graphs:
 
     def _coda_graph(self, latents: Tensor, *rest: Tensor) -> Graph:
         return _stack(self.model.transformer.coda, latents, rest)
-
-
-def graphs_for(model: RecurrentDepthModel, mode: str | None) -> Graphs:
-    """The model's shared compiled stages for `mode` and the current `BACKEND`, kept on the model (so they live
-    and go with it)."""
-    per_model: dict[tuple[str | None, str], Graphs] = model.__dict__.setdefault("_compiled_graphs", {})
-    key = (mode, BACKEND)
-    if key not in per_model:
-        per_model[key] = Graphs(model, mode)
-    return per_model[key]
-
-
-class CompiledModel:
-    """The model's stages as compiled graphs over one KV pool; `prelude`, `core_step` and `coda` as the eager
-    model's. `mode`: torch.compile's (None on the CPU; "reduce-overhead" for CUDA graphs)."""
-
-    def __init__(
-        self, model: RecurrentDepthModel, pool: KVPool, mode: str | None = None, key_block: int | None = None
-    ) -> None:
-        self.model, self.pool = model, pool
-        self.cuda_graphs = mode == "reduce-overhead"
-        self.key_block = key_block or (CUDA_KEY_BLOCK if model.device.type == "cuda" else 1)
-        self.graphs = graphs_for(model, mode)
-
-    # ---- the stages -----------------------------------------------------------------------------------------
-    def prelude(self, input_ids: Tensor, at: Positions, cache: KVPool) -> Tensor:
-        call = self._call(at)
-        if call is None:
-            return self.model.prelude(input_ids, at, cache)
-        slots = [cache.prelude_slot(i) for i in range(self.model.config.n_layers_in_prelude)]
-        return self._run(self.graphs.prelude, call, at, slots, self._pad(input_ids, call))
-
-    def core_step(self, state: Tensor, embedded: Tensor, at: Positions, cache: KVPool, step: int = 0) -> Tensor:
-        call = self._call(at)
-        if call is None:
-            return self.model.core_step(state, embedded, at, cache, step)
-        slots = [cache.core_slot(step, j) for j in range(self.model.config.n_layers_in_recurrent_block)]
-        return self._run(self.graphs.core, call, at, slots, self._pad(state, call), self._pad(embedded, call))
-
-    def recur(
-        self, state: Tensor, embedded: Tensor, num_steps: int, at: Positions, cache: KVPool, first_step: int = 0
-    ) -> Tensor:
-        """`num_steps` recurrences: with the shared cache, `UNROLL` of them per graph (each layer's K/V of the
-        last one is what the cache keeps), the rest one by one."""
-        call = self._call(at)
-        if call is None or cache.max_steps is not None:
-            for step in range(first_step, first_step + num_steps):
-                state = self.core_step(state, embedded, at, cache, step)
-            return state
-        slots = [cache.core_slot(0, j) for j in range(self.model.config.n_layers_in_recurrent_block)]
-        padded_e = self._pad(embedded, call)
-        for _ in range(num_steps // UNROLL):
-            state = self._run(self.graphs.core_loop, call, at, slots, self._pad(state, call), padded_e)
-        for step in range(num_steps % UNROLL):
-            state = self.core_step(state, embedded, at, cache, first_step + step)
-        return state
-
-    def coda(self, state: Tensor, at: Positions, cache: KVPool) -> tuple[Tensor, Tensor]:
-        call = self._call(at)
-        if call is None:
-            return self.model.coda(state, at, cache)
-        latents = self.model.transformer.ln_f(state) if self.model.config.norm_before_coda else state
-        slots = [cache.coda_slot(i) for i in range(self.model.config.n_layers_in_coda)]
-        return self._run(self.graphs.coda, call, at, slots, self._pad(latents, call)), latents
-
-    # ---- internals ------------------------------------------------------------------------------------------
-    def _call(self, at: Positions) -> StaticCall | None:
-        return static_call(at, self.model.rope, self.key_block, self.pool.max_length)
 
     def _pad(self, x: Tensor, call: StaticCall) -> Tensor:
         missing = call.width - x.shape[1]

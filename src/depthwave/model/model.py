@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -90,13 +90,6 @@ class RecurrentDepthModel(nn.Module):
         if weight.device.type != "meta" and self.rope.device != weight.device:
             self.reset_rope(weight.device)
         return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The compiled stages that engines share (`compiled.graphs_for`) belong to this object: a copy or a pickled
-        # model compiles its own.
-        state = self.__dict__.copy()
-        state.pop("_compiled_graphs", None)
-        return state
 
     @property
     def device(self) -> torch.device:
