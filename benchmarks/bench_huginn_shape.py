@@ -80,13 +80,16 @@ def copy_bandwidth_gbs(device: torch.device, megabytes: int = 1024, repeats: int
     return 2 * source.numel() / statistics.median(times) / 1e9
 
 
-def run(llm: LLM, params: Any, prompts: list[list[int]], batch: int, compile: bool, tokens: int) -> dict[str, Any]:
-    """One engine run of every prompt at `batch` rows: its decode rate and passes."""
+def run(
+    llm: LLM, params: Any, prompts: list[list[int]], batch: int, compile: bool, tokens: int, lazy: bool = False
+) -> dict[str, Any]:
+    """One engine run of every prompt at `batch` rows: its decode rate, passes and tokens. `lazy`: a compiled engine
+    compiles the graphs its passes reach as they reach them instead of warming every bucket up first."""
     sampling = SamplingParams(temperature=0.0, max_new_tokens=tokens, ignore_eos=True, seed=0)
     requests = [Request(p, sampling, params) for p in prompts]
     engine = llm.engine(requests, params.cache_mode, max_num_seqs=batch, compile=compile)
-    warmup_s = engine.warmup()  # 0 once a compiled engine is warm, and for eager ones
-    engine.run(requests)
+    warmup_s = 0.0 if lazy else engine.warmup()  # 0 once a compiled engine is warm, and for eager ones
+    results = engine.run(requests)
     stats = engine.stats
     return {
         "tokens_per_s": stats.decode_tokens_per_s,
@@ -94,6 +97,7 @@ def run(llm: LLM, params: Any, prompts: list[list[int]], batch: int, compile: bo
         "decode_passes": stats.decode_passes,
         "prefill_s": stats.prefill_time_s,
         "warmup_s": warmup_s,
+        "tokens": [r.token_ids for r in results],
     }
 
 
@@ -109,6 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,4,16,64", help="diffusion's rows (static runs at B = 1)")
     parser.add_argument("--no-static", action="store_true", help="diffusion only (gpu_check.sh splits its runs)")
+    parser.add_argument("--no-diffusion", action="store_true", help="static only")
+    parser.add_argument(
+        "--lazy-compile", action="store_true", help="compile only the graphs the runs reach (no warm-up of all buckets)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also run every configuration compiled")
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="datasheet bandwidth if not a known GPU")
@@ -128,18 +136,18 @@ def main(argv: list[str] | None = None) -> None:
     diffusion = DiffusionParams(num_steps=args.num_steps)
     modes = (False, True) if args.compile else (False,)
     configs = [] if args.no_static else [("static", static, 1, c) for c in modes]
-    configs += [("diffusion", diffusion, b, c) for b in batches for c in modes]
+    configs += [] if args.no_diffusion else [("diffusion", diffusion, b, c) for b in batches for c in modes]
     warmups: dict[str, float] = {}
     for name, params, batch, compile in configs:  # compiles, kernels, the allocator; short runs
         began = time.perf_counter()
-        run(llm, params, prompts[:batch], batch, compile, 4)
+        run(llm, params, prompts[:batch], batch, compile, 4, args.lazy_compile)
         warmups[label(name, batch, compile)] = time.perf_counter() - began
         print(f"warm-up {label(name, batch, compile)}: {warmups[label(name, batch, compile)]:.1f} s", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {label(n, b, c): [] for n, _, b, c in configs}
     for repeat in range(args.repeats):
         shift = repeat % len(configs)
         for name, params, batch, compile in configs[shift:] + configs[:shift]:
-            result = run(llm, params, prompts[:batch], batch, compile, args.new_tokens)
+            result = run(llm, params, prompts[:batch], batch, compile, args.new_tokens, args.lazy_compile)
             runs[label(name, batch, compile)].append(result)
             print(f"repeat {repeat} {label(name, batch, compile)}: {result['tokens_per_s']:.1f} tok/s", flush=True)
 
@@ -155,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         per_pass = sum(r["decoded"] for r in records) / max(sum(r["decode_passes"] for r in records), 1)
         bound = (datasheet or measured_gbs) * 1e9 * per_pass / pass_bytes
         rate = statistics.median(r["tokens_per_s"] for r in records)
+        reference = runs[label(name, batch, False)][0]["tokens"]
         rows.append(
             {
                 "sampler": name,
@@ -167,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 "weight_bytes_per_pass": pass_bytes,
                 "bound_tokens_per_s": bound,
                 "of_bound": rate / bound,
+                "same_tokens_as_eager": agreement(records[0]["tokens"], reference),
             }
         )
     eager = {(r["sampler"], r["batch"]): r["tokens_per_s"] for r in rows if not r["compiled"]}
@@ -175,14 +185,17 @@ def main(argv: list[str] | None = None) -> None:
         f"copy bandwidth {measured_gbs:.0f} GB/s, datasheet {datasheet or '-'} GB/s; weights "
         f"{sum(weights.values()) / 1e9:.2f} GB; medians of {args.repeats}\n"
     )
-    print("| sampler | B | pass | tokens/s | vs eager | tokens/pass | bound tok/s | of bound | first run s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| sampler | B | pass | tokens/s | vs eager | tokens/pass | bound tok/s | of bound | first run s | "
+        "tokens = eager |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['sampler']} | {row['batch']} | {'compiled' if row['compiled'] else 'eager'} | "
             f"{row['tokens_per_s']:.1f} | {row['tokens_per_s'] / eager[row['sampler'], row['batch']]:.2f}x | "
             f"{row['tokens_per_pass']:.2f} | {row['bound_tokens_per_s']:.1f} | {100 * row['of_bound']:.0f}% | "
-            f"{row['first_run_s']:.1f} |"
+            f"{row['first_run_s']:.1f} | {100 * row['same_tokens_as_eager']:.0f}% |"
         )
     out = args.out or RESULTS / f"bench_huginn_shape-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +215,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     print(f"wrote {out}")
+
+
+def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """The share of generated tokens equal to the reference's at the same place."""
+    same = sum(a == b for row, ref in zip(tokens, reference, strict=True) for a, b in zip(row, ref, strict=False))
+    return same / max(1, sum(len(ref) for ref in reference))
 
 
 def label(sampler: str, batch: int, compile: bool) -> str:

@@ -5,10 +5,12 @@ them alike), one thread, greedy. Reported per configuration: the median decode t
 prefill apart), its ratio to static decoding measured in the same repeats, the mean loops per generated token, and
 the share of generated tokens equal to static decoding's (per-step cache: the official model's tokens).
 
-The diffusion rows are the wavefront over loops (`depthwave.samplers.diffusion.looped`, shared cache; compare them
-with static decoding on the shared cache). The adaptive rows use Ouro's own exit gate (`criterion="gate"`): "skip"
-stops a token at its exit loop (real savings; later tokens see it through the cache mode), "all" computes every loop
-and reads the exit loop, the official code's behaviour, which saves nothing.
+The diffusion rows are the wavefront over loops (`depthwave.samplers.diffusion.looped`): on the per-step cache each
+position reads and writes its own loop's keys (with `freeze="fixed"`, static decoding's tokens); on the shared cache
+every position reads the others' latest loop (compare those with static decoding on the shared cache). The adaptive
+rows use Ouro's own exit gate (`criterion="gate"`): "skip" stops a token at its exit loop (real savings; later
+tokens see it through the cache mode), "all" computes every loop and reads the exit loop, the official code's
+behaviour, which saves nothing.
 
     python benchmarks/bench_ouro.py [--model ../shared/fixtures/ouro-a] [--repeats 5] [--threshold 0.5]
     python benchmarks/bench_ouro.py --model runs/ouro/model --problems 100 --tokens 96 --repeats 3
@@ -52,8 +54,17 @@ def configurations(threshold: float) -> dict[str, Any]:
             "adaptive", **gate, gate_compute="all", cache_mode="per-step"
         ),
         "speculative (draft 1 loop)": registry.make("speculative", draft_steps=1),
-        "diffusion (loop wavefront, r'=1)": registry.make("diffusion", inner_recurrence=1),
-        "diffusion (loop wavefront, r'=2)": registry.make("diffusion", inner_recurrence=2),
+        "diffusion (loop wavefront, per-step, r'=1)": registry.make(
+            "diffusion", cache_mode="per-step", freeze="fixed", inner_recurrence=1
+        ),
+        "diffusion (loop wavefront, per-step, r'=1, latent ε=0.3)": registry.make(
+            "diffusion", cache_mode="per-step", exit_threshold=0.3, inner_recurrence=1
+        ),
+        "diffusion (loop wavefront, per-step, r'=2)": registry.make(
+            "diffusion", cache_mode="per-step", freeze="fixed", inner_recurrence=2
+        ),
+        "diffusion (loop wavefront, shared, r'=1)": registry.make("diffusion", inner_recurrence=1),
+        "diffusion (loop wavefront, shared, r'=2)": registry.make("diffusion", inner_recurrence=2),
     }
 
 

@@ -83,3 +83,33 @@ def test_write_past_capacity_is_an_error() -> None:
     cache = KVPool(CFG, 4, "shared")
     with pytest.raises(InvalidParameterError, match="position 9 is beyond the cache's max_length=4"):
         model(IDS, 1, 0.0, cache=cache)
+
+
+def test_queries_at_their_own_loops_read_and_write_their_own_slots() -> None:
+    """A loop wavefront on the per-step cache: in one call, position 6 runs loop 1 and position 7 loop 0; each
+    reads and writes its own loop's slots, as two calls of one position each would."""
+    model = random_model(CFG, seed=3)
+    caches = [KVPool(CFG, 16, "per-step", 3) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(IDS[:, :6], 3, 0.0, cache=cache)
+        at6, at7, both = model.positions([6], [1]), model.positions([7], [1]), model.positions([6], [2])
+        e6, e7 = model.prelude(IDS[:, 6:7], at6, caches[0]), model.prelude(IDS[:, 7:8], at7, caches[0])
+        model.prelude(IDS[:, 6:8], both, caches[1])
+        s6 = model.initial_state(e6, init_scale=0.0)
+        for cache in caches:  # position 6 has run loop 0
+            s6_loop0 = model.core_step(s6, e6, at6, cache, step=0)
+        alone = [model.core_step(s6_loop0, e6, at6, caches[0], step=1), model.core_step(s6, e7, at7, caches[0], step=0)]
+        states, embedded = torch.cat((s6_loop0, s6), 1), torch.cat((e6, e7), 1)
+        mixed = model.core_step(states, embedded, both.at_loops([[1, 0]]), caches[1])
+    torch.testing.assert_close(mixed, torch.cat(alone, 1), atol=1e-5, rtol=0)
+    for step, position in ((1, 6), (0, 7)):
+        slot = caches[0].core_slot(step, 0)
+        torch.testing.assert_close(caches[1].keys[slot, 0, :, position], caches[0].keys[slot, 0, :, position])
+    with pytest.raises(InvalidParameterError, match="loop 3 is beyond this per-step cache's max_steps=3"):
+        model.core_step(torch.cat((s6, s6), 1), torch.cat((e6, e7), 1), both.at_loops([[2, 0]]), caches[1], step=1)
+    # A position that stops early is seen through its last loop's keys at the deeper loops.
+    caches[1].repeat_loop(0, 6, 1, 3)
+    deeper, last = caches[1].core_slot(2, 3), caches[1].core_slot(1, 3)
+    assert torch.equal(caches[1].keys[deeper, 0, :, 6], caches[1].keys[last, 0, :, 6])
+    assert torch.equal(caches[1].values[deeper, 0, :, 6], caches[1].values[last, 0, :, 6])

@@ -203,3 +203,13 @@ def test_the_one_prompt_front_end_reuses_its_compiled_engine(builtin_llm: LLM) -
     assert one.generate(ids, sampling).token_ids == first.token_ids
     assert counters["stats"]["unique_graphs"] <= 2 * graphs
     torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_compiled_adaptive_compute_on_the_per_step_cache_hides_what_eager_hides(builtin_llm: LLM) -> None:
+    """On the per-step cache, positions that exited before a recurrence are hidden from the later tokens at that
+    recurrence: the hiding call is its own compiled call (it once reused the unhidden call's memoised inputs)."""
+    prompts = [builtin_llm.encode(q, chat=True) for q in QUESTIONS]
+    extra = {"cache_mode": "per-step"}
+    eager = generate(builtin_llm, prompts, "adaptive", compile=False, rows=2, tokens=12, **extra)
+    assert generate(builtin_llm, prompts, "adaptive", compile=True, rows=2, tokens=12, **extra) == eager

@@ -215,8 +215,32 @@ def test_the_loop_wavefront_in_its_most_conservative_setting_equals_static_decod
         assert all(r.stats.sampler_steps == 11 * 4 // inner for r in results)
     pipelined = llm.generate(prompts, sampling, sampler=registry.make("diffusion", inner_recurrence=1))
     assert all(r.stats.sampler_steps < 11 * 4 and r.stats.mean_wavefront > 1 for r in pipelined)
-    with pytest.raises(InvalidParameterError, match="shared cache"):
-        llm.generate(prompts[:1], sampling, sampler=registry.make("diffusion", cache_mode="per-step"))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"inner_recurrence": 1},
+        {"inner_recurrence": 3},
+        {"inner_recurrence": 1, "max_wavefront": 3},
+        {"max_wavefront": 1, "max_recurrences": 4},
+    ],
+)
+def test_the_per_step_loop_wavefront_with_fixed_freezing_is_static_decoding_token_for_token(
+    prompts: Any, extra: dict[str, Any]
+) -> None:
+    """On the per-step cache each position of the wavefront reads and writes its own loop's keys, and a draft that
+    changes restarts every later one: whatever the wavefront, each final token is computed as static decoding
+    computes it. Batched equals alone."""
+    llm = LLM(fixture_dir(FIXTURE), device="cpu", dtype="float32")
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=12)
+    static = [r.token_ids for r in llm.generate(prompts, sampling, sampler="static")]
+    sampler = registry.make("diffusion", cache_mode="per-step", freeze="fixed", **extra)
+    results = llm.generate(prompts, sampling, sampler=sampler)
+    assert [r.token_ids for r in results] == static
+    assert [llm.generate([p], sampling, sampler=sampler)[0].token_ids for p in prompts] == static
+    if extra.get("max_wavefront") != 1:
+        assert all(r.stats.mean_wavefront > 1 for r in results)
 
 
 def test_batched_generation_equals_single_runs_where_the_reference_breaks(prompts: Any) -> None:
@@ -354,13 +378,14 @@ def test_lm_eval_runs_every_sampler_on_an_ouro_model(chat_folder: Path) -> None:
         {"sampler": "adaptive", "criterion": "gate", "exit_threshold": 0.5},
         {"sampler": "speculative"},
         {"sampler": "diffusion", "inner_recurrence": 1},
+        {"sampler": "diffusion", "inner_recurrence": 1, "cache_mode": "per-step", "freeze": "fixed"},
     ]
     requests = [
         Instance("generate_until", {}, ("2 + 2 =", {"until": ["\n"], "max_gen_toks": 5, **kind}), i)
         for i, kind in enumerate(kinds)
     ]
     answers = native.generate_until(requests)
-    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+    assert len(answers) == 5 and all(isinstance(a, str) for a in answers)
     (rolling,) = native.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("2 + 2 = 4",), 0)])
     assert rolling < 0
 
@@ -373,6 +398,9 @@ def test_the_server_runs_every_sampler_on_an_ouro_model(chat_folder: Path) -> No
     from tests.helpers import running
 
     settings = ServeSettings(model=str(chat_folder), dtype="float32", max_num_seqs=4, admission_delay=0.0)
+    per_step = ServeSettings(
+        model=str(chat_folder), dtype="float32", max_num_seqs=4, admission_delay=0.0, cache_mode="per-step"
+    )
     bodies = [
         {},
         {"sampler": "static"},
@@ -380,6 +408,11 @@ def test_the_server_runs_every_sampler_on_an_ouro_model(chat_folder: Path) -> No
         {"sampler": "speculative", "draft_steps": 1},
         {"sampler": "diffusion", "inner_recurrence": 1},
     ]
+    with running(per_step) as url:  # Ouro's own cache: every sampler takes it
+        for extra in bodies:
+            body = {"model": str(chat_folder), "prompt": "2 + 2 =", "max_tokens": 4, "temperature": 0, **extra}
+            response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert response.status_code == 200, (extra, response.text)
     with running(settings) as url:
         for extra in bodies:
             body = {"model": str(chat_folder), "prompt": "2 + 2 =", "max_tokens": 4, "temperature": 0, **extra}

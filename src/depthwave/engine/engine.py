@@ -461,6 +461,8 @@ class Engine:
     def _plan(self, requests: list[Request], rows: slice) -> Plan:
         chunks = [r.policy.chunk() for r in requests]  # type: ignore[union-attr]
         at = self.model.positions([c.start for c in chunks], [c.size for c in chunks], rows)
+        if self.pool.mode == "per-step" and any(c.loops is not None for c in chunks):
+            at = at.at_loops([list(c.loops) if c.loops is not None else [0] * c.size for c in chunks])
         groups: dict[type[Policy], list[tuple[Policy, int]]] = defaultdict(list)
         for index, request in enumerate(requests):
             assert request.policy is not None

@@ -68,6 +68,9 @@ class Chunk:
     exit: ExitRule | None = None
     hide_below: int | None = None
     """Per-step cache: from this recurrence on, cached positions that ran fewer recurrences are hidden."""
+    loops: Sequence[int] | None = None
+    """Per-step cache: the loop each position's first recurrence of this pass runs (its keys are that loop's, as
+    are the keys it reads); None: recurrence i of the pass runs loop i for every position."""
 
     @property
     def logits_rows(self) -> int:

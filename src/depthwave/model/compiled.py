@@ -73,7 +73,8 @@ def bucket(width: int) -> int | None:
 
 
 def static_call(at: Positions, rope: Tensor, key_block: int = 1, max_keys: int | None = None) -> StaticCall | None:
-    """The call `at` for the compiled pass, or None when it must run eagerly. Built once per call (memoised). The
+    """The call `at` for the compiled pass, or None when it must run eagerly (too wide, too few cached keys, or
+    queries at different loops of a per-step cache). Built once per call (memoised). The
     cached keys read are rounded up to a multiple of `key_block`, at most `max_keys`."""
     if "static" in at.memo:
         return at.memo["static"]
@@ -81,7 +82,8 @@ def static_call(at: Positions, rope: Tensor, key_block: int = 1, max_keys: int |
     cached = max(at.starts)
     if key_block > 1:
         cached = min(-(-cached // key_block) * key_block, max_keys or cached)
-    call = None if width is None or cached < MIN_CACHED or at.is_causal else _build(at, rope, width, cached)
+    eager = cached < MIN_CACHED or at.is_causal or at.loops is not None
+    call = None if width is None or eager else _build(at, rope, width, cached)
     at.memo["static"] = call
     return call
 

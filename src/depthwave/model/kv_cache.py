@@ -107,6 +107,41 @@ class KVPool:
         values.view(rows * heads * length, width).index_copy_(0, index, value.reshape(-1, width))
         return keys[at.rows, :, : at.length], values[at.rows, :, : at.length]
 
+    def by_loop(self, slot: int, at: Positions) -> bool:
+        """Whether a call writes and reads `slot` per query loop (`at.loops`): a core slot of a per-step cache."""
+        return at.loops is not None and self.max_steps is not None and self.prelude_layers <= slot < self._coda_base
+
+    def write_by_loop(
+        self, slot: int, at: Positions, key: Tensor, value: Tensor
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """`write` for queries at different loops (`at.loops`; `slot` is loop 0's): each query's K/V [B, S, G, h]
+        go to its own loop's slot, in one index_copy over the whole pool. Returns, per loop among the queries, that
+        slot's K/V [B, G, T, h] of each row and a [B, 1, S, 1] mask of the queries at that loop."""
+        assert at.loops is not None
+        deepest = slot + self.core_layers * at.loop_values[-1]
+        if deepest >= self._coda_base:
+            raise InvalidParameterError(
+                f"loop {(deepest - self.prelude_layers) // self.core_layers} is beyond this per-step cache's "
+                f"max_steps={self.max_steps}"
+            )
+        if at.length > self.max_length:
+            raise InvalidParameterError(f"position {at.length - 1} is beyond the cache's max_length={self.max_length}")
+        _, rows, heads, length, width = self.keys.shape
+        loops = at.loops.reshape(-1)
+        key, value = key.flatten(0, 1), value.flatten(0, 1)
+        if at.write_from is not None:
+            key, value, loops = key[at.write_from], value[at.write_from], loops[at.write_from]
+        slots = slot + self.core_layers * loops
+        index = (at.flat_writes(heads, length).view(-1, heads) + (slots * rows * heads * length)[:, None]).reshape(-1)
+        self.keys.view(-1, width).index_copy_(0, index, key.reshape(-1, width))
+        self.values.view(-1, width).index_copy_(0, index, value.reshape(-1, width))
+        out = []
+        for loop in at.loop_values:
+            here = slot + self.core_layers * loop
+            chosen = (at.loops == loop)[:, None, :, None]
+            out.append((self.keys[here, at.rows, :, : at.length], self.values[here, at.rows, :, : at.length], chosen))
+        return out
+
     def cached(self, slot: int, rows: slice | Tensor, length: int) -> tuple[Tensor, Tensor]:
         """Each row's K/V [B, G, length, h] of positions 0..length-1: views for a slice of rows; for an index, copies
         of the rows laid out as the views are (one compiled graph serves both)."""
@@ -133,6 +168,16 @@ class KVPool:
         index = at.flat_writes(heads, length)
         keys.view(rows * heads * length, width).index_copy_(0, index, key.reshape(-1, width))
         values.view(rows * heads * length, width).index_copy_(0, index, value.reshape(-1, width))
+
+    def repeat_loop(self, row: int, position: int, loop: int, until: int) -> None:
+        """Per-step cache: copy the K/V of `position` at `loop` into its slots of loops loop+1..until-1, so that a
+        position that stopped early is seen through its last loop's keys there."""
+        if self.max_steps is None:
+            return
+        first, layers = self.prelude_layers, self.core_layers
+        for store in (self.keys, self.values):
+            core = store[first : first + layers * self.max_steps].view(self.max_steps, layers, *store.shape[1:])
+            core[loop + 1 : until, :, row, :, position] = core[loop, :, row, :, position]
 
     def set_length(self, row: int, length: int) -> None:
         """The row's first `length` positions are final (after a call wrote up to there, or a rollback)."""

@@ -177,6 +177,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, at: Positions, cache: KVPool | None, slot: int) -> Tensor:
         q, k, v = self.project(x, at.rotation)
+        if cache is not None and cache.by_loop(slot, at):
+            # Queries at different loops read different slots: attend over each loop's slot, keep each query's own.
+            out = None
+            for k_loop, v_loop, chosen in cache.write_by_loop(slot, at, k, v):
+                attended = attention(q, k_loop, v_loop, at.bias, at.is_causal)
+                out = attended if out is None else torch.where(chosen, attended, out)
+            assert out is not None
+            return self.output(out)
         if cache is not None:
             k, v = cache.write(slot, at, k, v)
         else:

@@ -47,6 +47,17 @@ class Positions:
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
     """What other modules derive from this call once and reuse across its layers (write indices, the compiled
     pass's inputs)."""
+    loops: Tensor | None = None
+    """[B, S] per-step cache only: the loop each query's first recurrence of the call runs, so that recurrence i
+    reads and writes the slots of loop loops + i (a loop wavefront: queries at different depths in one call).
+    None: every query's recurrence i runs loop i."""
+    loop_rows: tuple[tuple[int, ...], ...] = ()
+    """`loops` on the host, per row (padding repeats a row's last): its distinct values are the slots a call
+    reads."""
+
+    @property
+    def loop_values(self) -> tuple[int, ...]:
+        return tuple(sorted({loop for row in self.loop_rows for loop in row}))
 
     def __post_init__(self) -> None:
         mask = self.mask
@@ -92,7 +103,13 @@ class Positions:
         hides positions that never ran the current recurrence)."""
         keys = visible[:, None, None, : self.length]
         base = self.mask if self.mask is not None else _causal(self.pos, self.length) if self.is_causal else None
-        return replace(self, mask=keys if base is None else base & keys, is_causal=False)
+        # A fresh memo: what was derived from the unhidden call (the compiled pass's biases) must not be reused.
+        return replace(self, mask=keys if base is None else base & keys, is_causal=False, memo={})
+
+    def at_loops(self, loops: list[list[int]]) -> Positions:
+        """The same call with each query's own first loop (`loops[b][s]` for the real queries of row b)."""
+        padded = tuple(tuple(row) + (row[-1],) * (self.width - len(row)) for row in loops)
+        return replace(self, loops=torch.tensor(padded, device=self.pos.device), loop_rows=padded, memo={})
 
     def subset(self, index: Tensor, rows: Tensor) -> Positions:
         """The rows `index` of this call (an exit or a shorter depth drops rows from later recurrences)."""
@@ -103,8 +120,21 @@ class Positions:
         sizes = tuple(self.sizes[i] for i in host)
         pos = self.pos[index]
         write_rows, write_pos, write_from = _writes(rows, pos, sizes)
+        loops = None if self.loops is None else self.loops[index]
         return Positions(
-            rows, starts, sizes, pos, rotation, mask, self.is_causal, self.length, write_rows, write_pos, write_from
+            rows,
+            starts,
+            sizes,
+            pos,
+            rotation,
+            mask,
+            self.is_causal,
+            self.length,
+            write_rows,
+            write_pos,
+            write_from,
+            loops=loops,
+            loop_rows=tuple(self.loop_rows[i] for i in host) if self.loop_rows else (),
         )
 
 

@@ -5,17 +5,26 @@ is injected at every recurrence. An Ouro model has no injection: the token enter
 position's state restarts from its token's embedding whenever that token changes, and the wavefront pipelines the
 loops instead:
 
-* every sampler step runs `inner_recurrence` loops on every position in flight (one pass, the shared cache: one
-  K/V slot per layer and position, so a position at loop t sees earlier positions through their latest loop);
+* every sampler step runs `inner_recurrence` loops on every position in flight, in one pass;
 * each position's prediction re-proposes the next position's token; a draft that changes restarts from loop 0;
 * the leftmost position in flight is final once it has run `num_steps` loops (the model's total, by default) since
   its token was last set, or, with freeze "latent-diff", once its normalised latent change over a step is at most
   ε; its prediction is then the next position's final token;
 * at most `max_wavefront` positions are in flight; a new draft opens behind the last one each step.
 
-With `max_wavefront=1` a position runs all its loops before the next one opens: static decoding on the shared
-cache, token for token (`tests/test_ouro.py`). Momentum acts on injected embeddings, so it has no effect here; noise
-is refused.
+The cache decides what a position at loop k sees of the earlier ones:
+
+* ``per-step`` (what Ouro was trained with): their loop-k keys. Each position of the pass reads and writes its
+  own loop's slots (`Chunk.loops`), and a draft that changes restarts every later position too (they read its keys
+  at each loop they ran). With freeze "fixed" every final token is then computed exactly as static decoding computes
+  it, whatever the wavefront: the speed comes from running the loops of several positions in one pass. A position
+  frozen early by "latent-diff" is seen through its last loop's keys at the loops it skipped.
+* ``shared`` (one slot per layer): their latest loop's keys, as Huginn's diffusion sampler uses them. A trained Ouro
+  model does not work this way (`benchmarks/bench_ouro.py`).
+
+With `max_wavefront=1` a position runs all its loops before the next one opens: static decoding on either cache,
+token for token (`tests/test_ouro.py`). Momentum acts on injected embeddings, so it has no effect here; noise is
+refused.
 """
 
 from __future__ import annotations
@@ -51,13 +60,11 @@ class LoopWavefrontPolicy(Policy):
         self.core_steps = 0
         self.per_token: list[int] = []
         self.wavefront = 0
+        self.per_step = self.params.cache_mode == "per-step"
+        self.depth = self.params.inner_recurrence  # the loops of the current pass
 
     @staticmethod
     def size(params: DiffusionParams, prompt_len: int, sampling: SamplingParams, config: HuginnConfig) -> Sizing:
-        if params.cache_mode != "shared":
-            raise InvalidParameterError(
-                "cache_mode: the loop wavefront needs the shared cache (positions in one pass run different loops)"
-            )
         if params.noise > 0 or params.mode != "default" or params.freeze not in ("latent-diff", "fixed"):
             raise InvalidParameterError(
                 "on an Ouro model the diffusion sampler takes freeze 'latent-diff' or 'fixed', no noise and mode "
@@ -78,7 +85,11 @@ class LoopWavefrontPolicy(Policy):
             return Chunk(0, n, self.loops, n - 1, init=init, context=n)
         size = self.high - self.low
         context = [self.low + j + 1 for j in range(size)]
-        return Chunk(self.low, size, self.params.inner_recurrence, 0, accumulate=True, context=context)
+        if not self.per_step:
+            return Chunk(self.low, size, self.depth, 0, accumulate=True, context=context)
+        # Each position runs its own next loops; the leftmost is the deepest, and none runs past the last loop.
+        self.depth = min(self.params.inner_recurrence, self.loops - self.counts[0])
+        return Chunk(self.low, size, self.depth, 0, accumulate=True, context=context, loops=list(self.counts))
 
     @classmethod
     def prepare(cls, members: list[tuple[Policy, int]], result: PassResult) -> list[Tensor]:
@@ -107,8 +118,8 @@ class LoopWavefrontPolicy(Policy):
         start, end = self.low, self.high
         self.step += 1
         self.wavefront += size
-        self.core_steps += self.params.inner_recurrence * size
-        self.counts = [c + self.params.inner_recurrence for c in self.counts]
+        self.core_steps += self.depth * size
+        self.counts = [c + self.depth for c in self.counts]
         final, spent = self._freeze(proposals, changes)
         for position in range(self.low + 1, min(self.high, end + 1)):  # drafts follow their predecessors
             self._set(position, proposals[position - 1 - start])
@@ -135,6 +146,9 @@ class LoopWavefrontPolicy(Policy):
             token = proposals[j]
             final.append(token)
             spent.append(count)
+            if self.per_step and count < self.loops:
+                # Later positions will read this one's deeper loops: they see its last loop's keys there.
+                self.ctx.pool.repeat_loop(self.row, self.low, count - 1, self.loops)
             self.counts.pop(0)
             self.drafts.pop(0)
             self.low += 1
@@ -145,13 +159,16 @@ class LoopWavefrontPolicy(Policy):
         return final, spent
 
     def _set(self, position: int, token: int) -> None:
-        """A draft's token; a change restarts it from loop 0 (its embedding)."""
+        """A draft's token; a change restarts it from loop 0 (its embedding). On the per-step cache every later
+        position restarts with it: they read its keys at each loop they ran, and those keys change."""
         j = position - self.low
         if self.drafts[j] != token:
             buffers = self.ctx.buffers
             buffers.tokens[self.row, position] = token
-            buffers.counts[self.row, position] = 0
-            self.drafts[j], self.counts[j] = token, 0
+            self.drafts[j] = token
+            end = self.high if self.per_step else position + 1
+            buffers.counts[self.row, position:end] = 0
+            self.counts[j : j + end - position] = [0] * (end - position)
 
     def _open(self, token: int) -> None:
         buffers = self.ctx.buffers
