@@ -71,7 +71,7 @@ def _options(command: str) -> set[str]:
 
 
 @pytest.mark.parametrize("sampler", list(registry.PARAMS))
-def test_every_sampler_parameter_is_reachable_from_every_front_end(sampler: str) -> None:
+def test_every_sampler_parameter_is_reachable_from_every_front_end(sampler: str, builtin_llm: Any) -> None:
     """Each field of each sampler's parameter dataclass: a flag of `generate` and `serve`, a body field of the
     server, a key of an eval spec, of `LLM.generate` and of lm-eval's arguments, all through `registry.make`."""
     from dataclasses import fields
@@ -92,7 +92,7 @@ def test_every_sampler_parameter_is_reachable_from_every_front_end(sampler: str)
     name, params = registry.from_mapping({"sampler": sampler, **{n: _text(cls, n) for n in names}})
     assert registry.make(name, **params) == cls()
     lm = DepthwaveLM.__new__(DepthwaveLM)
-    lm.sampler_name, lm.sampler_defaults, lm.max_gen_toks = sampler, {}, 8
+    lm.sampler_name, lm.sampler_defaults, lm.max_gen_toks, lm.llm = sampler, {}, 8, builtin_llm
     _, made = lm.parse_gen_kwargs({"sampler": sampler, **{n: getattr(cls(), n) for n in names}}, seed=0)
     assert made == cls()
     for n in names:

@@ -243,6 +243,21 @@ def test_the_per_step_loop_wavefront_with_fixed_freezing_is_static_decoding_toke
         assert all(r.stats.mean_wavefront > 1 for r in results)
 
 
+def test_the_diffusion_sampler_by_name_runs_on_the_per_step_cache_on_ouro_only(prompts: Any) -> None:
+    """Chosen by name (`LLM`, the commands, `depthwave eval`, lm-eval), the diffusion sampler on an Ouro model takes
+    the per-step cache unless told otherwise; on Huginn it keeps the paper's shared cache."""
+    llm = LLM(fixture_dir(FIXTURE), device="cpu", dtype="float32")
+    assert llm.sampler("diffusion").params.cache_mode == "per-step"
+    assert llm.sampler("diffusion", cache_mode="shared").params.cache_mode == "shared"
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=8)
+    static = [r.token_ids for r in llm.generate(prompts, sampling, sampler="static")]
+    by_name = llm.generate(prompts, sampling, sampler="diffusion", freeze="fixed", inner_recurrence=1)
+    assert [r.token_ids for r in by_name] == static
+    assert registry.make("diffusion").cache_mode == "shared"  # no model, no family default
+    huginn = LLM("builtin", device="cpu")
+    assert huginn.sampler("diffusion").params.cache_mode == "shared"
+
+
 def test_batched_generation_equals_single_runs_where_the_reference_breaks(prompts: Any) -> None:
     """The reference's cached batch with left padding goes wrong after the first token (`gen_batch_p0p1_cache`);
     depthwave's batch equals its single runs and the reference's uncached (and mask-fixed) batch."""

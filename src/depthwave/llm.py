@@ -66,7 +66,11 @@ class LLM:
         fields of that sampler's parameter dataclass."""
         name = name or registry.default_for(self.model.config)
         return Sampler(
-            self.model, self.tokenizer, self.stop_token_ids, params=registry.make(name, **params), compile=self.compile
+            self.model,
+            self.tokenizer,
+            self.stop_token_ids,
+            params=registry.make(name, family=self.model.config, **params),
+            compile=self.compile,
         )
 
     # ---- prompts ------------------------------------------------------------------------------------------
@@ -125,7 +129,7 @@ class LLM:
         if sampler is None:
             sampler = registry.default_for(self.model.config)
         if isinstance(sampler, str):
-            sampler = registry.make(sampler, **sampler_params)
+            sampler = registry.make(sampler, family=self.model.config, **sampler_params)
         elif sampler_params:
             raise InvalidParameterError("sampler parameters go into the sampler object when one is given")
         samplers = self._per_prompt(sampler, len(items), "sampler", None)

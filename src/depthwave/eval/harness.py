@@ -129,7 +129,7 @@ class Evaluator:
             compile=settings.compile,
         )
         self.tasks: dict[str, Task] = {name: get_task(name) for name in settings.tasks}
-        self.samplers = {spec.label: spec.build() for spec in settings.samplers}
+        self.samplers = {spec.label: spec.build(family=self.llm.model.config) for spec in settings.samplers}
         self.has_template = bool(self.llm.tokenizer is not None and self.llm.tokenizer.chat_template)
         self.batches = 0
 

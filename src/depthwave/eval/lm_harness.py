@@ -118,7 +118,9 @@ class DepthwaveLM(TemplateLM):
         self.pretrained = str(pretrained)
         self.sampler_name = sampler or registry.default_for(self.llm.model.config)  # diffusion; Ouro: static
         self.sampler_defaults = dict(sampler_params)
-        registry.make(self.sampler_name, **sampler_params)  # checked now, so that a typo fails before any task runs
+        registry.make(
+            self.sampler_name, family=self.llm.model.config, **sampler_params
+        )  # checked now, so that a typo fails before any task runs
         self.num_steps = num_steps
         self.seed = seed
         self.max_gen_toks = max_gen_toks
@@ -231,7 +233,7 @@ class DepthwaveLM(TemplateLM):
                 f"{', '.join(SAMPLING_KEYS)}; sampler {name!r} takes {sorted(known)}"
             )
         defaults = self.sampler_defaults if name == self.sampler_name else {}
-        return params, registry.make(name, **{**defaults, **kwargs})
+        return params, registry.make(name, family=self.llm.model.config, **{**defaults, **kwargs})
 
     def _log(self, task: str, stats: TaskStats) -> None:
         self.task_stats[task] = stats

@@ -37,6 +37,15 @@ def default_for(config: HuginnConfig) -> str:
     return "static" if config.looped_stack else DEFAULT_SAMPLER
 
 
+def family_defaults(name: str, config: HuginnConfig) -> dict[str, Any]:
+    """Defaults that depend on the model family, under the caller's values: the diffusion sampler on Ouro runs on the
+    per-step cache, whose loop wavefront gives each position its own loop's keys (a trained Ouro model cannot read
+    a shared cache: README, Ouro)."""
+    if name == "diffusion" and config.looped_stack:
+        return {"cache_mode": "per-step"}
+    return {}
+
+
 def params_class(name: str) -> type:
     if name not in PARAMS:
         raise InvalidParameterError(f"unknown sampler {name!r}; choose one of {sorted(PARAMS)}")
@@ -71,18 +80,26 @@ def default_value(sampler: str, name: str) -> Any:
 
 
 def make(
-    name: str = DEFAULT_SAMPLER, base: Any = None, engine_cache: str | None = None, **values: Any
+    name: str = DEFAULT_SAMPLER,
+    base: Any = None,
+    engine_cache: str | None = None,
+    family: HuginnConfig | None = None,
+    **values: Any,
 ) -> SamplerParams:
     """The parameter object of sampler `name` with `values`, over `base` (a parameter object of the same sampler
-    whose fields are the defaults; else the dataclass's). `engine_cache`: the KV cache mode of the engine that
-    will run it, filled in when `values` do not set `cache_mode` and refused when they set another. Unknown names
-    and fields, and invalid values, are InvalidParameterErrors naming them."""
+    whose fields are the defaults; else the dataclass's, with `family_defaults` for the model config `family`).
+    `engine_cache`: the KV cache mode of the engine that will run it, filled in when `values` do not set
+    `cache_mode` and refused when they set another. Unknown names and fields, and invalid values, are
+    InvalidParameterErrors naming them."""
     cls = params_class(name)
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise InvalidParameterError(f"sampler {name!r} has no parameter(s) {unknown}; it takes {sorted(known)}")
-    merged = {k: getattr(base, k) for k in known} if isinstance(base, cls) else {}
+    if isinstance(base, cls):
+        merged = {k: getattr(base, k) for k in known}
+    else:
+        merged = family_defaults(name, family) if family is not None else {}
     if engine_cache is not None and "cache_mode" in known and "cache_mode" not in values:
         merged["cache_mode"] = engine_cache
     merged.update(values)
@@ -134,8 +151,8 @@ class SamplerSpec:
             shown = ",".join(f"{k}={v}" for k, v in self.params.items())
             object.__setattr__(self, "label", f"{self.kind}({shown})" if shown else self.kind)
 
-    def build(self, engine_cache: str | None = None) -> SamplerParams:
-        return make(self.kind, engine_cache=engine_cache, **self.params)
+    def build(self, engine_cache: str | None = None, family: HuginnConfig | None = None) -> SamplerParams:
+        return make(self.kind, engine_cache=engine_cache, family=family, **self.params)
 
     @classmethod
     def parse(cls, text: str) -> SamplerSpec:

@@ -45,7 +45,9 @@ class DiffusionParams:
         None, "also freeze a token once the state predicting it ran this many recurrences (default: never)"
     )
     cache_mode: CacheMode = param(
-        "shared", "KV cache: shared (one slot per layer, the paper's) or per-step (the reference's 'full')"
+        "shared",
+        "KV cache: shared (one slot per layer, the paper's) or per-step (the reference's 'full'; the default on Ouro, "
+        "where each position of the loop wavefront reads its own loop's keys)",
     )
     mode: Mode = param("default", "default, or reference (token-identical to the official generate_diffusion_style)")
     trace: bool = param(False, "record per-step positions, proposals, latent changes and recurrence counts")
