@@ -84,7 +84,7 @@ class Sampler:
         )
         engine = self._reused(config) or Engine(self.model, self.tokenizer, self.default_stop_ids, config)
         if self.compile:
-            self._compiled = engine  # its graphs are specialised to its pool: keep it for the next call
+            self._compiled = engine  # kept for the next call: a new engine would allocate its pool again
         engine.add(request)
         return engine, request
 
