@@ -243,6 +243,21 @@ def test_the_per_step_loop_wavefront_with_fixed_freezing_is_static_decoding_toke
         assert all(r.stats.mean_wavefront > 1 for r in results)
 
 
+def test_the_per_step_wavefront_shares_a_pass_with_other_samplers(prompts: Any) -> None:
+    """One engine on the per-step cache: a wavefront row (queries at their own loops) beside a static row and a
+    gate-exit row (every query at the pass's loop) in the same passes; each gives what it gives alone."""
+    llm = LLM(fixture_dir(FIXTURE), device="cpu", dtype="float32")
+    samplers = [
+        registry.make("diffusion", cache_mode="per-step", freeze="fixed", inner_recurrence=1),
+        registry.make("static"),
+        registry.make("adaptive", criterion="gate", exit_threshold=0.5, cache_mode="per-step"),
+    ]
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=10)
+    together = [r.token_ids for r in llm.generate(prompts, sampling, sampler=samplers)]
+    alone = [llm.generate([p], sampling, sampler=s)[0].token_ids for p, s in zip(prompts, samplers, strict=True)]
+    assert together == alone
+
+
 def test_the_diffusion_sampler_by_name_runs_on_the_per_step_cache_on_ouro_only(prompts: Any) -> None:
     """Chosen by name (`LLM`, the commands, `depthwave eval`, lm-eval), the diffusion sampler on an Ouro model takes
     the per-step cache unless told otherwise; on Huginn it keeps the paper's shared cache."""
