@@ -118,9 +118,8 @@ class DepthwaveLM(TemplateLM):
         self.pretrained = str(pretrained)
         self.sampler_name = sampler or registry.default_for(self.llm.model.config)  # diffusion; Ouro: static
         self.sampler_defaults = dict(sampler_params)
-        registry.make(
-            self.sampler_name, family=self.llm.model.config, **sampler_params
-        )  # checked now, so that a typo fails before any task runs
+        # Checked now, so that a typo fails before any task runs.
+        registry.make(self.sampler_name, family=self.llm.model.config, **sampler_params)
         self.num_steps = num_steps
         self.seed = seed
         self.max_gen_toks = max_gen_toks

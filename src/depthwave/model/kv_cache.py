@@ -127,20 +127,33 @@ class KVPool:
         if at.length > self.max_length:
             raise InvalidParameterError(f"position {at.length - 1} is beyond the cache's max_length={self.max_length}")
         _, rows, heads, length, width = self.keys.shape
-        loops = at.loops.reshape(-1)
+        index, chosen = self._loop_writes(at)
+        index = index + slot * rows * heads * length
         key, value = key.flatten(0, 1), value.flatten(0, 1)
         if at.write_from is not None:
-            key, value, loops = key[at.write_from], value[at.write_from], loops[at.write_from]
-        slots = slot + self.core_layers * loops
-        index = (at.flat_writes(heads, length).view(-1, heads) + (slots * rows * heads * length)[:, None]).reshape(-1)
+            key, value = key[at.write_from], value[at.write_from]
         self.keys.view(-1, width).index_copy_(0, index, key.reshape(-1, width))
         self.values.view(-1, width).index_copy_(0, index, value.reshape(-1, width))
         out = []
-        for loop in at.loop_values:
+        for loop, mask in zip(at.loop_values, chosen, strict=True):
             here = slot + self.core_layers * loop
-            chosen = (at.loops == loop)[:, None, :, None]
-            out.append((self.keys[here, at.rows, :, : at.length], self.values[here, at.rows, :, : at.length], chosen))
+            out.append((self.keys[here, at.rows, :, : at.length], self.values[here, at.rows, :, : at.length], mask))
         return out
+
+    def _loop_writes(self, at: Positions) -> tuple[Tensor, list[Tensor]]:
+        """Per call, for every layer: the flat pool index of each real query's K/V at slot 0 plus its own loop's
+        offset, and per loop a [B, 1, S, 1] mask of the queries at it."""
+        _, rows, heads, length, _ = self.keys.shape
+        key = ("loop-writes", rows, heads, length, self.core_layers)
+        if key not in at.memo:
+            assert at.loops is not None
+            loops = at.loops.reshape(-1)
+            if at.write_from is not None:
+                loops = loops[at.write_from]
+            offsets = (self.core_layers * loops * rows * heads * length)[:, None]
+            index = (at.flat_writes(heads, length).view(-1, heads) + offsets).reshape(-1)
+            at.memo[key] = index, [(at.loops == loop)[:, None, :, None] for loop in at.loop_values]
+        return at.memo[key]
 
     def cached(self, slot: int, rows: slice | Tensor, length: int) -> tuple[Tensor, Tensor]:
         """Each row's K/V [B, G, length, h] of positions 0..length-1: views for a slice of rows; for an index, copies

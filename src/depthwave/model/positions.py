@@ -52,17 +52,15 @@ class Positions:
     reads and writes the slots of loop loops + i (a loop wavefront: queries at different depths in one call).
     None: every query's recurrence i runs loop i."""
     loop_rows: tuple[tuple[int, ...], ...] = ()
-    """`loops` on the host, per row (padding repeats a row's last): its distinct values are the slots a call
-    reads."""
-
-    @property
-    def loop_values(self) -> tuple[int, ...]:
-        return tuple(sorted({loop for row in self.loop_rows for loop in row}))
+    """`loops` on the host, per row (padding repeats a row's last)."""
+    loop_values: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    """The distinct values of `loop_rows`: the loops whose slots a call reads."""
 
     def __post_init__(self) -> None:
         mask = self.mask
         bias = None if mask is None else torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
         object.__setattr__(self, "bias", bias)
+        object.__setattr__(self, "loop_values", tuple(sorted({loop for row in self.loop_rows for loop in row})))
 
     def flat_writes(self, heads: int, length: int) -> Tensor:
         """Indices of the written (row, head, position) entries in a cache slot viewed as [rows·heads·length, h],
@@ -120,21 +118,20 @@ class Positions:
         sizes = tuple(self.sizes[i] for i in host)
         pos = self.pos[index]
         write_rows, write_pos, write_from = _writes(rows, pos, sizes)
-        loops = None if self.loops is None else self.loops[index]
-        return Positions(
-            rows,
-            starts,
-            sizes,
-            pos,
-            rotation,
-            mask,
-            self.is_causal,
-            self.length,
-            write_rows,
-            write_pos,
-            write_from,
-            loops=loops,
+        return replace(
+            self,
+            rows=rows,
+            starts=starts,
+            sizes=sizes,
+            pos=pos,
+            rotation=rotation,
+            mask=mask,
+            write_rows=write_rows,
+            write_pos=write_pos,
+            write_from=write_from,
+            loops=None if self.loops is None else self.loops[index],
             loop_rows=tuple(self.loop_rows[i] for i in host) if self.loop_rows else (),
+            memo={},
         )
 
 
