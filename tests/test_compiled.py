@@ -156,6 +156,28 @@ def test_no_graph_breaks_and_no_recompiles_after_warmup_in_a_mixed_run(builtin_l
     torch._dynamo.reset()
 
 
+def test_the_compiled_graphs_hold_no_complex_tensor(builtin_llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor generates no code for complex tensors: a complex op in a graph runs as a call of its own, outside
+    the fused kernels (the rotation as complex products made the compiled diffusion pass at B = 1 about 1.5x slower
+    on the CPU: 12.8 against 8.3 ms per pass). Every graph rotates in real arithmetic."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(compiled, "BACKEND", recording)
+    torch._dynamo.reset()
+    engine = Engine(builtin_llm.model, None, (), EngineConfig(max_num_seqs=1, max_model_len=32, compile=True))
+    engine.stages.warmup(rows=(1,), widths=(4,))  # type: ignore[union-attr]
+    assert len(graphs) == 4  # prelude, one recurrence, the unrolled loop, coda
+    for gm in graphs:
+        values = [node.meta.get("example_value") for node in gm.graph.nodes]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        assert tensors and not any(v.is_complex() for v in tensors), gm.graph
+    torch._dynamo.reset()
+
+
 @pytest.mark.usefixtures("aot_eager")
 def test_a_second_engine_on_the_same_model_compiles_nothing() -> None:
     """Dynamo keeps compiled graphs per stage function, guarded on the model and the inputs' shapes, not on an

@@ -1,4 +1,5 @@
-"""The CPU attention kernel choice: the matmul path computes what SDPA computes, on every shape it is chosen for."""
+"""The CPU attention kernel choice: the matmul path computes what SDPA computes, on every shape it is chosen for.
+The rotations' real form (the compiled pass's) computes what the complex form computes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depthwave.model.layers import attention, matmul_attention, prefers_matmul_attention
+from depthwave.model.config import HuginnConfig
+from depthwave.model.layers import ROTATIONS, attention, matmul_attention, prefers_matmul_attention, rope_table
 
 
 def _inputs(batch: int, queries: int, keys: int, kv_heads: int, dtype: torch.dtype):
@@ -57,3 +59,24 @@ def test_attention_gives_the_same_on_either_path(batch: int, queries: int) -> No
     q, k, v, bias = _inputs(batch, queries, 9, 2, torch.float32)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
     torch.testing.assert_close(attention(q, k, v, bias, False), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["pairs", "half"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_real_rotation_is_the_complex_one(style: str, dtype: torch.dtype) -> None:
+    """The compiled pass rotates with (cos, sin) pairs, as inductor compiles no complex arithmetic: the same
+    rotation as the complex products, to rounding."""
+    config = HuginnConfig(n_embd=64, n_heads=2, rope_base=10000.0)
+    if style == "half":
+        config = HuginnConfig(n_embd=64, n_heads=2, block_type="llama", rope_theta=10000.0)
+    assert config.rope_style == style
+    table = rope_table(config, 40)
+    pos = torch.tensor([[3, 17, 39], [0, 1, 2]])
+    x = torch.randn(2, 3, 2, 2, config.head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    rotate = ROTATIONS[style]
+    complex_form = rotate(x, table[pos][:, :, None, None])
+    real_form = rotate(x, torch.view_as_real(table[pos])[:, :, None, None])
+    assert real_form.dtype == complex_form.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(real_form, complex_form, atol=tolerance, rtol=tolerance)
+    assert not torch.equal(complex_form, x)  # the positions rotate at all

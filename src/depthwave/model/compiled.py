@@ -58,7 +58,8 @@ class StaticCall:
 
     rows: slice | Tensor
     rotation: Tensor
-    """[B, W, 1, 1, h/2] the queries' rotations (padding repeats a row's last position)."""
+    """[B, W, 1, 1, h/2, 2] the queries' rotations as (cos, sin) pairs (`layers.rotate_pairs`: inductor compiles no
+    complex arithmetic); padding repeats a row's last position."""
     old_bias: Tensor
     """[B, 1, 1, T] 0 where a row's queries see a cached key (before the row's chunk, and visible), else -inf."""
     new_bias: Tensor
@@ -106,7 +107,7 @@ def _build(at: Positions, rope: Tensor, width: int, cached: int) -> StaticCall:
         real = torch.tensor([b * width + s for b, size in enumerate(at.sizes) for s in range(size)], device=device)
     return StaticCall(
         rows=at.rows,
-        rotation=rope[pos][:, :, None, None],
+        rotation=torch.view_as_real(rope[pos])[:, :, None, None],
         old_bias=_bias(seen)[:, None, None, :],
         new_bias=_bias(own)[:, None],
         real=real,

@@ -82,15 +82,26 @@ def scaled_frequencies(
 
 def rotate_pairs(x: Tensor, rotation: Tensor) -> Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim (GPT-J convention, every dim rotates) in fp32, as
-    complex products (a + ib)(cos + i sin). `rotation` must broadcast against x's shape with the last dim halved."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    complex products (a + ib)(cos + i sin). `rotation` must broadcast against x's shape with the last dim halved.
+    A real `rotation` (its last dim (cos, sin), `torch.view_as_real` of the complex one) computes the same products
+    in real arithmetic: the compiled pass's form, since inductor generates no code for complex tensors (each
+    complex op would be a call of its own, outside the fused kernels)."""
+    if rotation.is_complex():
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b, cos, sin = pairs[..., 0], pairs[..., 1], rotation[..., 0], rotation[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 def rotate_half_split(x: Tensor, rotation: Tensor) -> Tensor:
     """Rotate the pairs (x[i], x[i+h/2]) as transformers' Llama does: x·cos + rotate_half(x)·sin, with cos and sin
-    rounded to x's dtype and the products taken in it (in bf16 that rounds differently from Huginn's fp32)."""
-    cos, sin = rotation.real.to(x.dtype), rotation.imag.to(x.dtype)
+    rounded to x's dtype and the products taken in it (in bf16 that rounds differently from Huginn's fp32).
+    `rotation` complex, or real with a last dim (cos, sin) as in `rotate_pairs`."""
+    if rotation.is_complex():
+        cos, sin = rotation.real.to(x.dtype), rotation.imag.to(x.dtype)
+    else:
+        cos, sin = rotation[..., 0].to(x.dtype), rotation[..., 1].to(x.dtype)
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
