@@ -7,7 +7,8 @@ layer. As one graph it is a handful of fused kernels. Two things make that possi
 * **Shapes that repeat.** The queries per row are padded to a bucket (1, 2, 4 or 8; a wider call, such as a
   prefill, runs eagerly). The rows and the cached keys are dynamic dimensions (marked so, never a guard on their
   values), so one graph per (stage, bucket) serves every batch size from 2 and every position; a single row is its
-  own graph. Positions, masks and rotations are inputs, computed once per pass.
+  own graph. Positions, masks and rotations are inputs, computed once per pass (the rotations as real (cos, sin)
+  pairs: inductor generates no code for complex tensors).
 * **No cache traffic inside a graph.** A graph reads each layer's cached K/V of the positions before the rows'
   chunks (views of the pool, never written during the pass) and attends over them and over the chunk's own fresh
   K/V in one softmax (`layers.prefix_attention`): what the eager pass computes after writing the chunk into the
