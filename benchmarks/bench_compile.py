@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name}: {a:.2f} + {b:.2f} x rows")
     print(f"\nstart with warm-up of B = 1: first {first_start:.1f} s, second {second_start:.1f} s (inductor's cache)")
     print(f"graphs: {dict(counters['stats'])}, graph breaks: {dict(counters['graph_break'])}")
-    meta = {"torch": torch.__version__, "machine": platform.processor(), "repeats": args.repeats}
+    from depthwave.model.compiled import WRAPPER
+
+    meta = {"torch": torch.__version__, "machine": platform.processor(), "repeats": args.repeats, "wrapper": WRAPPER}
     out = {"meta": meta, "rows": table, "fixed_ms": fixed, "start_s": [first_start, second_start]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))

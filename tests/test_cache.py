@@ -113,3 +113,26 @@ def test_queries_at_their_own_loops_read_and_write_their_own_slots() -> None:
     deeper, last = caches[1].core_slot(2, 3), caches[1].core_slot(1, 3)
     assert torch.equal(caches[1].keys[deeper, 0, :, 6], caches[1].keys[last, 0, :, 6])
     assert torch.equal(caches[1].values[deeper, 0, :, 6], caches[1].values[last, 0, :, 6])
+
+
+def test_fresh_writes_of_several_layers_land_where_per_layer_writes_do() -> None:
+    """The compiled pass writes every layer of a graph in one copy per K and V: the same entries as writing each
+    layer's slot on its own, for padded rows too (their padding writes nothing)."""
+    model = random_model(micro_config())
+    config = model.config
+    at = model.positions([3, 5], [2, 1], slice(0, 2))
+    layers, real = 3, 3  # rows of 2 and 1 real queries
+    key = torch.randn(layers, real, config.kv_heads, config.head_dim)
+    value = torch.randn(layers, real, config.kv_heads, config.head_dim)
+    together = KVPool(config, 16, rows=2)
+    together.write_fresh(1, at, key, value)
+    alone = KVPool(config, 16, rows=2)
+    for layer in range(layers):
+        shape = (2, 2, config.kv_heads, config.head_dim)
+        padded = torch.zeros(shape), torch.zeros(shape)
+        for t, source in zip(padded, (key, value), strict=True):
+            t.flatten(0, 1)[at.write_from] = source[layer]
+        alone.write(1 + layer, at, *padded)
+    assert torch.equal(together.keys, alone.keys) and torch.equal(together.values, alone.values)
+    assert together.keys[0].abs().sum() == 0 and together.keys[4:].abs().sum() == 0  # other slots untouched
+    assert together.keys[1, 0, :, 3:5].abs().sum() > 0 and together.keys[1, 1, :, 5].abs().sum() > 0

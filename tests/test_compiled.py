@@ -19,7 +19,7 @@ from depthwave.model import compiled
 from depthwave.model.compiled import StaticCall, static_call
 from depthwave.samplers import registry
 from depthwave.samplers.frontend import Sampler
-from tests.conftest import fixture_dir
+from tests.conftest import fixture_dir, fixture_json
 
 pytestmark = pytest.mark.slow
 
@@ -170,7 +170,7 @@ def test_the_compiled_graphs_hold_no_complex_tensor(builtin_llm: LLM, monkeypatc
     torch._dynamo.reset()
     engine = Engine(builtin_llm.model, None, (), EngineConfig(max_num_seqs=1, max_model_len=32, compile=True))
     engine.stages.warmup(rows=(1,), widths=(4,))  # type: ignore[union-attr]
-    assert len(graphs) == 4  # prelude, one recurrence, the unrolled loop, coda
+    assert len(graphs) == 5  # prelude, one recurrence, the unrolled loop, the loop then the coda, coda
     for gm in graphs:
         values = [node.meta.get("example_value") for node in gm.graph.nodes]
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
@@ -235,3 +235,34 @@ def test_compiled_adaptive_compute_on_the_per_step_cache_hides_what_eager_hides(
     extra = {"cache_mode": "per-step"}
     eager = generate(builtin_llm, prompts, "adaptive", compile=False, rows=2, tokens=12, **extra)
     assert generate(builtin_llm, prompts, "adaptive", compile=True, rows=2, tokens=12, **extra) == eager
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_a_diffusion_step_at_one_row_is_two_graph_calls(builtin_llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last recurrences and the coda run as one graph when every row ends its recurrences together: a diffusion
+    step (r' = 4) at B = 1 is the prelude's call and that one, and gives the eager tokens."""
+    calls: list[str] = []
+    run = compiled.CompiledModel._run
+
+    def counting(self: Any, graph: Any, *args: Any) -> Any:
+        calls.append(graph.__name__)
+        return run(self, graph, *args)
+
+    monkeypatch.setattr(compiled.CompiledModel, "_run", counting)
+    prompts = [builtin_llm.encode(QUESTIONS[0], chat=True)]
+    eager = generate(builtin_llm, prompts, "diffusion", compile=False, rows=1, tokens=16)
+    assert generate(builtin_llm, prompts, "diffusion", compile=True, rows=1, tokens=16) == eager
+    assert calls and set(calls) == {"_prelude_graph", "_finish_graph"}
+    assert calls.count("_prelude_graph") == calls.count("_finish_graph")
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_compiled_ouro_gives_the_eager_tokens() -> None:
+    """Ouro has no prelude or coda layers: its last loops and the (empty) coda are one graph that writes only the
+    loops' slots."""
+    llm = LLM(fixture_dir("ouro-a"), device="cpu", dtype="float32")
+    prompts = fixture_json("ouro-a", "prompts.json")["prompts"][:2]
+    for name in ("static", "diffusion"):
+        eager = generate(llm, prompts, name, compile=False, rows=2, tokens=12)
+        assert generate(llm, prompts, name, compile=True, rows=2, tokens=12) == eager, name
+        assert generate(llm, prompts, name, compile=True, rows=1, tokens=12) == eager, name

@@ -480,10 +480,10 @@ class Engine:
         wave = wave_in
         for cls, members in plan.groups:
             embedded, wave = cls.mix_inputs(members, embedded, wave, at)
-        wave_out, steps = self._recur(wave, embedded, at, chunks)
+        wave_out, steps, coda = self._recur(wave, embedded, at, chunks)
         buffers.scatter(buffers.states, at, wave_out)
         self._count(at, chunks, steps)
-        coda_out, latents = self.stages.coda(wave_out, at, pool)
+        coda_out, latents = coda if coda is not None else self.stages.coda(wave_out, at, pool)
         logits, logit_rows = self._logits(coda_out, at, chunks)
         tokens = None
         if logits is not None and any(c.select for c in chunks):
@@ -532,9 +532,13 @@ class Engine:
             if chunk.init is not None:
                 states[request.row, chunk.start : chunk.start + chunk.size] = chunk.init
 
-    def _recur(self, wave: Tensor, embedded: Tensor, at: Positions, chunks: list[Chunk]) -> tuple[Tensor, list[int]]:
-        """Each row's recurrences; a row leaves the batch after its depth or when its exit rule fires."""
+    def _recur(
+        self, wave: Tensor, embedded: Tensor, at: Positions, chunks: list[Chunk]
+    ) -> tuple[Tensor, list[int], tuple[Tensor, Tensor] | None]:
+        """Each row's recurrences; a row leaves the batch after its depth or when its exit rule fires. Returns the
+        states, each row's recurrences, and the coda's (output, input) when it ran with the last recurrences."""
         pool = self.pool
+        coda: tuple[Tensor, Tensor] | None = None
         batch = len(chunks)
         depth = [c.depth for c in chunks]
         steps = [0] * batch
@@ -565,7 +569,12 @@ class Engine:
             # as one graph); an exit rule or hidden keys need a check after each.
             checked = exits or any(h is not None for h in hiding)
             run = 1 if checked else min(depth[b] for b in computed) - i
-            state = self.stages.recur(state, e, run, current, pool, i)
+            if not checked and i + run == deepest and len(computed) == batch:
+                # Every row's last recurrences: the coda follows at once (a compiled stage runs both as one graph).
+                state, coda_out, latents = self.stages.recur_then_coda(state, e, run, current, pool, i)
+                coda = coda_out, latents
+            else:
+                state = self.stages.recur(state, e, run, current, pool, i)
             for b in computed:
                 steps[b] += run
             for group, members in exits:
@@ -580,7 +589,7 @@ class Engine:
             full = full.index_copy(0, index, state)
         elif state is not full:
             full = state
-        return full, steps
+        return full, steps, coda
 
     @staticmethod
     def _pool_rows(at: Positions, index: Tensor) -> Tensor:

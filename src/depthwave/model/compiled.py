@@ -1,5 +1,6 @@
-"""The compiled pass: the prelude, one recurrence and the coda as whole graphs (`torch.compile(fullgraph=True)`),
-for the engine's decode passes.
+"""The compiled pass: the prelude, the recurrences and the coda as whole graphs (`torch.compile(fullgraph=True)`),
+for the engine's decode passes. A pass whose rows all end their recurrences together (a diffusion step, a static
+token) runs its last `UNROLL` recurrences and the coda as one graph, so a diffusion step at r' = 4 is two calls.
 
 At small batch a pass costs mostly per-op overhead: a recurrence of the built-in model is about 40 small ops per
 layer. As one graph it is a handful of fused kernels. Two things make that possible without a graph per position:
@@ -15,8 +16,12 @@ layer. As one graph it is a handful of fused kernels. Two things make that possi
   cache. The fresh K/V come out of the graph and are written into the pool after it, for the real queries only.
   Mutating the pool inside the graph would make the compiler copy whole cache slots.
 
-`CompiledModel` has the eager model's stage interface (`prelude`, `core_step`, `coda`), so the engine runs either;
-a call that cannot run compiled (too wide, or with fewer than two cached positions) falls back to the eager stage.
+On the CPU, inductor's wrapper around a graph's kernels is C++ (`WRAPPER`): a longer first compile, which inductor's
+on-disk cache keeps for later starts, for a faster pass.
+
+`CompiledModel` has the eager model's stage interface (`prelude`, `core_step`, `recur`, `recur_then_coda`, `coda`),
+so the engine runs either; a call that cannot run compiled (too wide, or with fewer than two cached positions)
+falls back to the eager stage.
 Compiled and eager agree to float tolerance (another summation order), not bit for bit.
 """
 
@@ -45,6 +50,10 @@ BACKEND = os.environ.get("DEPTHWAVE_COMPILE_BACKEND", "inductor")
 graphs' structure, debugging)."""
 UNROLL = 4
 """Recurrences per graph of `recur` (a diffusion step's r' = 4 is one call; static decoding's 32 are eight)."""
+WRAPPER = os.environ.get("DEPTHWAVE_COMPILE_WRAPPER", "cpp")
+"""On the CPU, inductor's wrapper code around a graph's kernels: "cpp" (compiled C++: the Python wrapper's
+per-kernel calls, views and asserts cost about 18% of a compiled diffusion pass at B = 1) or "python" (a faster first
+compile). CUDA keeps the Python wrapper, under CUDA graphs."""
 MIN_CACHED = 2
 """Cached keys a compiled call needs at least (a dynamic dimension is never 0 or 1)."""
 CUDA_KEY_BLOCK = 64
@@ -133,14 +142,19 @@ class CompiledModel:
         # Derived config values are computed (and cached) here, outside any graph: tracing their first
         # computation would meet functools.cached_property's lock.
         _ = model.config.embed_scale
+        if WRAPPER not in ("cpp", "python"):
+            raise ValueError(f"DEPTHWAVE_COMPILE_WRAPPER must be 'cpp' or 'python', got {WRAPPER!r}")
+        cpu_inductor = BACKEND == "inductor" and mode is None and model.device.type == "cpu"
+        options: dict[str, Any] | None = {"cpp_wrapper": True} if WRAPPER == "cpp" and cpu_inductor else None
         compiled: Callable[[Callable[..., Any]], Callable[..., Any]] = lambda fn: torch.compile(  # noqa: E731
-            fn, fullgraph=True, dynamic=False, mode=mode, backend=BACKEND
+            fn, fullgraph=True, dynamic=False, mode=mode, backend=BACKEND, options=options
         )
         # One cache entry per (stage, width bucket, one row or more) and model: more than dynamo's default of 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._prelude = compiled(self._prelude_graph)
         self._core = compiled(self._core_graph)
         self._core_loop = compiled(self._loop_graph)
+        self._finish = compiled(self._finish_graph)
         self._coda = compiled(self._coda_graph)
 
     # ---- the stages -----------------------------------------------------------------------------------------
@@ -168,13 +182,26 @@ class CompiledModel:
             for step in range(first_step, first_step + num_steps):
                 state = self.core_step(state, embedded, at, cache, step)
             return state
-        slots = [cache.core_slot(0, j) for j in range(self.model.config.n_layers_in_recurrent_block)]
         padded_e = self._pad(embedded, call)
         for _ in range(num_steps // UNROLL):
-            state = self._run(self._core_loop, call, at, slots, self._pad(state, call), padded_e)
+            state = self._run(self._core_loop, call, at, self._core_slots(), self._pad(state, call), padded_e)
         for step in range(num_steps % UNROLL):
             state = self.core_step(state, embedded, at, cache, first_step + step)
         return state
+
+    def recur_then_coda(
+        self, state: Tensor, embedded: Tensor, num_steps: int, at: Positions, cache: KVPool, first_step: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`recur`, then `coda` on its states: (states, coda output, the coda's input). With the shared cache and a
+        multiple of `UNROLL` recurrences, the last `UNROLL` and the coda are one graph (a call fewer per pass)."""
+        call = self._call(at)
+        if call is None or cache.max_steps is not None or num_steps % UNROLL or not num_steps:
+            state = self.recur(state, embedded, num_steps, at, cache, first_step)
+            return (state, *self.coda(state, at, cache))
+        state = self.recur(state, embedded, num_steps - UNROLL, at, cache, first_step)
+        slots = self._core_slots() + [cache.coda_slot(i) for i in range(self.model.config.n_layers_in_coda)]
+        out = self._run(self._finish, call, at, slots, self._pad(state, call), self._pad(embedded, call))
+        return out[0], out[1], out[2]
 
     def coda(self, state: Tensor, at: Positions, cache: KVPool) -> tuple[Tensor, Tensor]:
         call = self._call(at)
@@ -188,9 +215,13 @@ class CompiledModel:
     def _call(self, at: Positions) -> StaticCall | None:
         return static_call(at, self.model.rope, self.key_block, self.pool.max_length)
 
+    def _core_slots(self) -> list[int]:
+        return [self.pool.core_slot(0, j) for j in range(self.model.config.n_layers_in_recurrent_block)]
+
     # One function per stage (dynamo keeps its compiled graphs per function): each returns the stage's output and
-    # every layer's fresh K/V; `rest` holds the rotation, the two biases, then each layer's cached K and V.
-    Graph = tuple[Tensor, list[Tensor], list[Tensor]]
+    # its layers' fresh K and V, stacked [layers, B, W, G, h] (None without layers) so that one copy writes them
+    # all; `rest` holds the rotation, the two biases, then each layer's cached K and V.
+    Graph = tuple[Any, Tensor | None, Tensor | None]
 
     def _prelude_graph(self, ids: Tensor, *rest: Tensor) -> Graph:
         return _stack(self.model.transformer.prelude, self.model.embed(ids), rest)
@@ -209,6 +240,18 @@ class CompiledModel:
     def _coda_graph(self, latents: Tensor, *rest: Tensor) -> Graph:
         return _stack(self.model.transformer.coda, latents, rest)
 
+    def _finish_graph(self, state: Tensor, embedded: Tensor, *rest: Tensor) -> Graph:
+        """`UNROLL` recurrences and the coda (shared cache: their slots follow each other); outputs the states,
+        the coda's output and its input."""
+        split = 3 + 2 * self.model.config.n_layers_in_recurrent_block
+        state, core_k, core_v = self._loop_graph(state, embedded, *rest[:split])
+        latents = self.model.transformer.ln_f(state) if self.model.config.norm_before_coda else state
+        out, coda_k, coda_v = self._coda_graph(latents, *rest[:3], *rest[split:])
+        if coda_k is None or coda_v is None:
+            return (state, out, latents), core_k, core_v
+        assert core_k is not None and core_v is not None
+        return (state, out, latents), torch.cat((core_k, coda_k)), torch.cat((core_v, coda_v))
+
     def _pad(self, x: Tensor, call: StaticCall) -> Tensor:
         missing = call.width - x.shape[1]
         if missing == 0:
@@ -217,7 +260,9 @@ class CompiledModel:
 
     def _run(
         self, graph: Callable[..., Any], call: StaticCall, at: Positions, slots: list[int], *inputs: Tensor
-    ) -> Tensor:
+    ) -> Any:
+        """The graph's output (a tensor, or the finish graph's three) cut to the call's width, after its fresh K/V
+        were written."""
         cached = call.old_bias.shape[-1]
         olds = []
         for slot in slots:
@@ -230,11 +275,17 @@ class CompiledModel:
             # step of its own, and its output (an embedding or state read by later calls) is copied out of it.
             torch.compiler.cudagraph_mark_step_begin()
         out, fresh_k, fresh_v = graph(*tensors)
-        for slot, k, v in zip(slots, fresh_k, fresh_v, strict=True):
-            self.pool.write_fresh(slot, at, _real(k, call), _real(v, call))
+        if fresh_k is not None and fresh_v is not None:
+            assert slots == list(range(slots[0], slots[0] + len(slots))), "a graph's layers write consecutive slots"
+            self.pool.write_fresh(slots[0], at, _real(fresh_k, call), _real(fresh_v, call))
+        if isinstance(out, tuple):
+            return tuple(self._output(x, call, at) for x in out)
+        return self._output(out, call, at)
+
+    def _output(self, x: Tensor, call: StaticCall, at: Positions) -> Tensor:
         if self.cuda_graphs:
-            out = out.clone()
-        return out[:, : at.width] if call.width != at.width else out
+            x = x.clone()
+        return x[:, : at.width] if call.width != at.width else x
 
     def warmup(self, rows: Sequence[int] = (1, 2), widths: Sequence[int] = WIDTHS, progress: bool = False) -> float:
         """Compile every graph that calls of these row counts and widths reach (a row count from 2 on serves all
@@ -252,18 +303,21 @@ class CompiledModel:
                     state = torch.zeros(batch, width, config.n_embd, device=device, dtype=dtype)
                     e = self.prelude(ids, at, self.pool)
                     self.recur(state, e, UNROLL + 1, at, self.pool)
+                    self.recur_then_coda(state, e, UNROLL, at, self.pool)
                     self.coda(state, at, self.pool)
                 advance()
         return time.perf_counter() - began
 
 
-def _stack(layers: Any, x: Tensor, rest: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def _stack(layers: Any, x: Tensor, rest: Sequence[Tensor]) -> tuple[Tensor, Tensor | None, Tensor | None]:
     rotation, old_bias, new_bias, olds = rest[0], rest[1], rest[2], rest[3:]
     fresh_k: list[Tensor] = []
     fresh_v: list[Tensor] = []
     for layer, k_old, v_old in zip(layers, olds[0::2], olds[1::2], strict=True):
         x = _layer(layer, x, rotation, old_bias, new_bias, k_old, v_old, fresh_k, fresh_v)
-    return x, fresh_k, fresh_v
+    if not fresh_k:  # a stage without layers (Ouro's prelude and coda)
+        return x, None, None
+    return x, torch.stack(fresh_k), torch.stack(fresh_v)
 
 
 def _layer(
@@ -288,9 +342,9 @@ def _layer(
 
 
 def _real(x: Tensor, call: StaticCall) -> Tensor:
-    """[N, G, h] the real queries' entries of a graph's fresh K or V [B, W, G, h]."""
-    flat = x.flatten(0, 1)
-    return flat if call.real is None else flat[call.real]
+    """[L, N, G, h] the real queries' entries of a graph's fresh K or V [L, B, W, G, h] (L layers)."""
+    flat = x.flatten(1, 2)
+    return flat if call.real is None else flat[:, call.real]
 
 
 def _mark_dynamic(tensors: list[Tensor], inputs: int, batch: int) -> None:

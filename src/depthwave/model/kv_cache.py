@@ -171,16 +171,17 @@ class KVPool:
                 picked.append(out[:, :, :length])
             return picked[0], picked[1]
 
-    def write_fresh(self, slot: int, at: Positions, key: Tensor, value: Tensor) -> None:
-        """Store the K/V [N, G, h] of a call's N real queries (in `at`'s write order), computed elsewhere (the
-        compiled pass)."""
+    def write_fresh(self, first_slot: int, at: Positions, key: Tensor, value: Tensor) -> None:
+        """Store the K/V [L, N, G, h] of a call's N real queries (in `at`'s write order) in the L slots from
+        `first_slot` on, computed elsewhere (the compiled pass): one copy each for all L layers."""
         if at.length > self.max_length:
             raise InvalidParameterError(f"position {at.length - 1} is beyond the cache's max_length={self.max_length}")
-        keys, values = self._key_slots[slot], self._value_slots[slot]
-        rows, heads, length, width = keys.shape
+        layers, end = key.shape[0], first_slot + key.shape[0]
+        _, rows, heads, length, width = self.keys.shape
         index = at.flat_writes(heads, length)
-        keys.view(rows * heads * length, width).index_copy_(0, index, key.reshape(-1, width))
-        values.view(rows * heads * length, width).index_copy_(0, index, value.reshape(-1, width))
+        for store, fresh in ((self.keys, key), (self.values, value)):
+            slots = store[first_slot:end].view(layers, rows * heads * length, width)
+            slots.index_copy_(1, index, fresh.reshape(layers, -1, width))
 
     def repeat_loop(self, row: int, position: int, loop: int, until: int) -> None:
         """Per-step cache: copy the K/V of `position` at `loop` into its slots of loops loop+1..until-1, so that a

@@ -188,6 +188,14 @@ class RecurrentDepthModel(nn.Module):
             state = self.core_step(state, embedded, at, cache, step)
         return state
 
+    def recur_then_coda(
+        self, state: Tensor, embedded: Tensor, num_steps: int, at: Positions, cache: KVPool, first_step: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`recur`, then `coda` on its states: (states, coda output, the coda's input). The engine's last recurrences
+        of a pass, where the compiled pass runs both as one graph."""
+        state = self.recur(state, embedded, num_steps, at, cache, first_step)
+        return (state, *self.coda(state, at, cache))
+
     def coda(self, state: Tensor, at: Positions | None = None, cache: KVPool | None = None) -> tuple[Tensor, Tensor]:
         """The coda on RAW recurrent states (Huginn normalises them with ln_f first); returns (coda output, the
         coda's input). The coda runs on every position, as its K/V are needed later."""
