@@ -52,8 +52,8 @@ UNROLL = 4
 """Recurrences per graph of `recur` (a diffusion step's r' = 4 is one call; static decoding's 32 are eight)."""
 WRAPPER = os.environ.get("DEPTHWAVE_COMPILE_WRAPPER", "cpp")
 """On the CPU, inductor's wrapper code around a graph's kernels: "cpp" (compiled C++: the Python wrapper's
-per-kernel calls, views and asserts cost about 18% of a compiled diffusion pass at B = 1) or "python" (a faster first
-compile). CUDA keeps the Python wrapper, under CUDA graphs."""
+per-kernel calls, views and asserts cost about a sixth of a compiled diffusion pass at B = 1) or "python" (a faster
+first compile). CUDA keeps the Python wrapper, under CUDA graphs."""
 MIN_CACHED = 2
 """Cached keys a compiled call needs at least (a dynamic dimension is never 0 or 1)."""
 CUDA_KEY_BLOCK = 64
