@@ -5,11 +5,12 @@ token) runs its last `UNROLL` recurrences and the coda as one graph, so a diffus
 At small batch a pass costs mostly per-op overhead: a recurrence of the built-in model is about 40 small ops per
 layer. As one graph it is a handful of fused kernels. Two things make that possible without a graph per position:
 
-* **Shapes that repeat.** The queries per row are padded to a bucket (1, 2, 4 or 8; a wider call, such as a
+* **Shapes that repeat.** A single row's queries are padded to a bucket (1, 2, 4 or 8; a wider call, such as a
   prefill, runs eagerly). The rows and the cached keys are dynamic dimensions (marked so, never a guard on their
-  values), so one graph per (stage, bucket) serves every batch size from 2 and every position; a single row is its
-  own graph. Positions, masks and rotations are inputs, computed once per pass (the rotations as real (cos, sin)
-  pairs: inductor generates no code for complex tensors).
+  values), and so, from two rows on, are the queries per row (`exact_width`: no padding beyond the widest row, one
+  graph per stage for 2 to 8 of them), so a few graphs per stage serve every batch size and every position.
+  Positions, masks and rotations are inputs, computed once per pass (the rotations as real (cos, sin) pairs:
+  inductor generates no code for complex tensors).
 * **No cache traffic inside a graph.** A graph reads each layer's cached K/V of the positions before the rows'
   chunks (views of the pool, never written during the pass) and attends over them and over the chunk's own fresh
   K/V in one softmax (`layers.prefix_attention`): what the eager pass computes after writing the chunk into the
@@ -44,10 +45,11 @@ from depthwave.model.model import RecurrentDepthModel
 from depthwave.model.positions import Positions
 
 WIDTHS = (1, 2, 4, 8)
-"""Query positions per row that run compiled (a call is padded up to the next); wider calls run eagerly."""
+"""Query positions per row that run compiled (a single row, or any call on CUDA, is padded up to the next); wider
+calls run eagerly."""
 BACKEND = os.environ.get("DEPTHWAVE_COMPILE_BACKEND", "inductor")
-"""torch.compile's backend: inductor; "aot_eager" traces the same graphs without generating code (tests of the
-graphs' structure, debugging)."""
+"""torch.compile's backend: inductor; "eager" or "aot_eager" trace the same graphs without generating code (tests
+of the graphs' structure, debugging)."""
 UNROLL = 4
 """Recurrences per graph of `recur` (a diffusion step's r' = 4 is one call; static decoding's 32 are eight)."""
 WRAPPER = os.environ.get("DEPTHWAVE_COMPILE_WRAPPER", "cpp")
@@ -77,29 +79,41 @@ class StaticCall:
     real: Tensor | None
     """[N] flat indices into [B·W] of the real queries (None when nothing is padded)."""
     width: int
+    dynamic_width: bool
+    """W is a dynamic dimension of the graph (`exact_width`, two rows or more, 2 to 8 queries per row)."""
 
 
 def bucket(width: int) -> int | None:
     return next((w for w in WIDTHS if w >= width), None)
 
 
-def static_call(at: Positions, rope: Tensor, key_block: int = 1, max_keys: int | None = None) -> StaticCall | None:
+def dynamic_width(batch: int, width: int, exact_width: bool) -> bool:
+    """Whether a call of `batch` rows of `width` queries runs a graph whose width is a dynamic dimension (a
+    dimension of 1 is never dynamic)."""
+    return exact_width and batch >= 2 and 2 <= width <= WIDTHS[-1]
+
+
+def static_call(
+    at: Positions, rope: Tensor, key_block: int = 1, max_keys: int | None = None, exact_width: bool = False
+) -> StaticCall | None:
     """The call `at` for the compiled pass, or None when it must run eagerly (too wide, too few cached keys, or
-    queries at different loops of a per-step cache). Built once per call (memoised). The
-    cached keys read are rounded up to a multiple of `key_block`, at most `max_keys`."""
+    queries at different loops of a per-step cache). Built once per call (memoised). The cached keys read are
+    rounded up to a multiple of `key_block`, at most `max_keys`. With `exact_width`, two rows or more are padded
+    only to the widest row (the width is then a dynamic dimension), else to its bucket."""
     if "static" in at.memo:
         return at.memo["static"]
-    width = bucket(at.width)
+    dynamic = dynamic_width(at.batch, at.width, exact_width)
+    width = at.width if dynamic else bucket(at.width)
     cached = max(at.starts)
     if key_block > 1:
         cached = min(-(-cached // key_block) * key_block, max_keys or cached)
     eager = cached < MIN_CACHED or at.is_causal or at.loops is not None
-    call = None if width is None or eager else _build(at, rope, width, cached)
+    call = None if width is None or eager else _build(at, rope, width, cached, dynamic)
     at.memo["static"] = call
     return call
 
 
-def _build(at: Positions, rope: Tensor, width: int, cached: int) -> StaticCall:
+def _build(at: Positions, rope: Tensor, width: int, cached: int, dynamic: bool) -> StaticCall:
     device = at.pos.device
     starts = torch.tensor(at.starts, device=device)
     sizes = torch.tensor(at.sizes, device=device)
@@ -122,6 +136,7 @@ def _build(at: Positions, rope: Tensor, width: int, cached: int) -> StaticCall:
         new_bias=_bias(own)[:, None],
         real=real,
         width=width,
+        dynamic_width=dynamic,
     )
 
 
@@ -131,13 +146,15 @@ def _bias(visible: Tensor) -> Tensor:
 
 class CompiledModel:
     """The model's stages as compiled graphs over one KV pool; `prelude`, `core_step` and `coda` as the eager
-    model's. `mode`: torch.compile's (None on the CPU; "reduce-overhead" for CUDA graphs)."""
+    model's. `mode`: torch.compile's (None on the CPU; "reduce-overhead" for CUDA graphs). `exact_width` holds
+    in every mode but CUDA graphs: they record one graph per concrete shape, so there every call pads to a bucket."""
 
     def __init__(
         self, model: RecurrentDepthModel, pool: KVPool, mode: str | None = None, key_block: int | None = None
     ) -> None:
         self.model, self.pool = model, pool
         self.cuda_graphs = mode == "reduce-overhead"
+        self.exact_width = not self.cuda_graphs
         self.key_block = key_block or (CUDA_KEY_BLOCK if model.device.type == "cuda" else 1)
         # Derived config values are computed (and cached) here, outside any graph: tracing their first
         # computation would meet functools.cached_property's lock.
@@ -213,7 +230,7 @@ class CompiledModel:
 
     # ---- internals ------------------------------------------------------------------------------------------
     def _call(self, at: Positions) -> StaticCall | None:
-        return static_call(at, self.model.rope, self.key_block, self.pool.max_length)
+        return static_call(at, self.model.rope, self.key_block, self.pool.max_length, self.exact_width)
 
     def _core_slots(self) -> list[int]:
         return [self.pool.core_slot(0, j) for j in range(self.model.config.n_layers_in_recurrent_block)]
@@ -269,7 +286,7 @@ class CompiledModel:
             keys, values = self.pool.cached(slot, call.rows, cached)
             olds += [keys, values]
         tensors = [*inputs, call.rotation, call.old_bias, call.new_bias, *olds]
-        _mark_dynamic(tensors, len(inputs), at.batch)
+        _mark_dynamic(tensors, len(inputs), at.batch, call.dynamic_width)
         if self.cuda_graphs:
             # A CUDA graph's replay reuses its outputs' memory, and a pass calls graphs many times: each call is a
             # step of its own, and its output (an embedding or state read by later calls) is copied out of it.
@@ -289,10 +306,16 @@ class CompiledModel:
 
     def warmup(self, rows: Sequence[int] = (1, 2), widths: Sequence[int] = WIDTHS, progress: bool = False) -> float:
         """Compile every graph that calls of these row counts and widths reach (a row count from 2 on serves all
-        larger ones): each stage on dummy inputs, whose cache writes land where no request reads (rows are free
-        before the engine runs anything). Returns the seconds it took; `progress` shows a bar on stderr."""
+        larger ones, and with `exact_width`, one width from 2 on serves all): each stage on dummy inputs, whose cache
+        writes land where no request reads (rows are free before the engine runs anything). Returns the seconds it
+        took; `progress` shows a bar on stderr."""
         config, device, dtype = self.model.config, self.model.device, self.model.dtype
-        shapes = [(b, w) for b, w in itertools.product(rows, widths) if b <= self.pool.rows]
+        # One shape per graph the calls reach: keyed by one row or more, and the width (None: the dynamic one).
+        graphs: dict[tuple[int, int | None], tuple[int, int]] = {}
+        for b, w in itertools.product(rows, widths):
+            if b <= self.pool.rows:
+                graphs.setdefault((min(b, 2), None if dynamic_width(b, w, self.exact_width) else w), (b, w))
+        shapes = list(graphs.values())
         began = time.perf_counter()
         with _bar(len(shapes), progress) as advance:
             for batch, width in shapes:
@@ -347,10 +370,16 @@ def _real(x: Tensor, call: StaticCall) -> Tensor:
     return flat if call.real is None else flat[:, call.real]
 
 
-def _mark_dynamic(tensors: list[Tensor], inputs: int, batch: int) -> None:
-    """The cached keys (and from two rows on, the rows) are dynamic dimensions: one graph for all their values."""
+def _mark_dynamic(tensors: list[Tensor], inputs: int, batch: int, width: bool) -> None:
+    """The cached keys (and from two rows on, the rows; with `width`, the queries per row) are dynamic dimensions:
+    one graph for all their values."""
     mark = torch._dynamo.maybe_mark_dynamic
-    old_bias, olds = tensors[inputs + 1], tensors[inputs + 3 :]
+    rotation, old_bias, new_bias, olds = (
+        tensors[inputs],
+        tensors[inputs + 1],
+        tensors[inputs + 2],
+        tensors[inputs + 3 :],
+    )
     mark(old_bias, 3)
     for t in olds:
         mark(t, 2)
@@ -358,6 +387,11 @@ def _mark_dynamic(tensors: list[Tensor], inputs: int, batch: int) -> None:
         for t in tensors:
             if t.shape[0] == batch:
                 mark(t, 0)
+    if width:
+        for t in (*tensors[:inputs], rotation):
+            mark(t, 1)
+        mark(new_bias, 2)
+        mark(new_bias, 3)
 
 
 @contextlib.contextmanager
