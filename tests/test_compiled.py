@@ -117,39 +117,6 @@ def test_static_calls_pad_to_a_bucket_and_refuse_what_must_run_eagerly(builtin_l
 
 
 @pytest.mark.usefixtures("traced")
-def test_from_two_rows_on_one_graph_per_stage_serves_every_width(builtin_llm: LLM) -> None:
-    """The warm-up of two rows (one query per row, and one width from two on) compiles the graphs that every later
-    batch reaches, whatever its rows' widths up to 8: nothing compiles after it, and each call pads only to its
-    widest row and agrees with eager."""
-    torch._dynamo.reset()
-    counters.clear()
-    model = builtin_llm.model
-    engine = Engine(model, None, (), EngineConfig(max_num_seqs=5, max_model_len=64, compile=True))
-    pool, stages = engine.pool, engine.stages
-    assert isinstance(stages, compiled.CompiledModel)
-    stages.warmup(rows=(2,))
-    warm = counters["stats"]["unique_graphs"]
-    torch.manual_seed(0)
-    with torch.inference_mode():
-        model.prelude(torch.randint(0, 500, (5, 20)), model.positions([0] * 5, [20] * 5, slice(0, 5)), pool)
-        for sizes in ([3, 5], [2, 7, 1, 8, 6], [6, 6, 6], [1, 1, 1, 1]):
-            batch, starts = len(sizes), [20 - size for size in sizes]
-            state = torch.randn(batch, max(sizes), model.config.n_embd)
-            ids = torch.randint(0, 500, (batch, max(sizes)))
-            at = model.positions(starts, sizes, slice(0, batch))
-            embedded = model.prelude(ids, at, pool)
-            eager = model.recur_then_coda(state, embedded, 8, at, pool)[1]
-            at = model.positions(starts, sizes, slice(0, batch))
-            fast = stages.recur_then_coda(state, stages.prelude(ids, at, pool), 8, at, pool)[1]
-            call = at.memo["static"]
-            assert call is not None and call.width == max(sizes) and call.dynamic_width == (max(sizes) > 1)
-            valid = at.valid()
-            torch.testing.assert_close(fast[valid], eager[valid], rtol=1e-4, atol=1e-4)
-    assert counters["stats"]["unique_graphs"] == warm, "a width compiled a graph of its own"
-    torch._dynamo.reset()
-
-
-@pytest.mark.usefixtures("traced")
 def test_key_blocks_as_on_cuda_pad_the_cached_keys_and_keep_the_eager_tokens(builtin_llm: LLM) -> None:
     """CUDA graphs record one graph per shape, so on CUDA the cached keys are read in blocks of 64 (the bias hides
     the extra ones). The same padding on the CPU, with a block of 16, must not change a token."""
@@ -175,7 +142,8 @@ def test_key_blocks_as_on_cuda_pad_the_cached_keys_and_keep_the_eager_tokens(bui
 
 @pytest.mark.usefixtures("traced")
 def test_no_graph_breaks_and_no_recompiles_after_warmup_in_a_mixed_run(builtin_llm: LLM) -> None:
-    """64 requests of all four samplers (shared cache) through one engine of 16 rows with continuous batching."""
+    """64 requests of all four samplers (shared cache) through one engine of 16 rows with continuous batching, then
+    batches of every width (what the warm-up compiled serves them all)."""
     torch._dynamo.reset()
     counters.clear()
     llm = builtin_llm
@@ -194,8 +162,32 @@ def test_no_graph_breaks_and_no_recompiles_after_warmup_in_a_mixed_run(builtin_l
     results = engine.run(requests)
     assert len(results) == 64 and all(r.token_ids for r in results)
     assert counters["stats"]["unique_graphs"] == warm, "a graph was compiled after warm-up"
+    every_width_agrees_with_eager(llm.model, engine)
+    assert counters["stats"]["unique_graphs"] == warm, "a width compiled a graph of its own"
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
+
+
+def every_width_agrees_with_eager(model: Any, engine: Engine) -> None:
+    """From two rows on, one graph per stage serves every width up to 8 (the warm-up compiled it with one): batches
+    of mixed widths, each call padded only to its widest row, within 1e-4 of eager."""
+    pool, stages = engine.pool, engine.stages
+    assert isinstance(stages, compiled.CompiledModel)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model.prelude(torch.randint(0, 500, (5, 20)), model.positions([0] * 5, [20] * 5, slice(0, 5)), pool)
+        for sizes in ([3, 5], [2, 7, 1, 8, 6], [6, 6, 6], [1, 1, 1, 1]):
+            batch, starts = len(sizes), [20 - size for size in sizes]
+            state = torch.randn(batch, max(sizes), model.config.n_embd)
+            ids = torch.randint(0, 500, (batch, max(sizes)))
+            at = model.positions(starts, sizes, slice(0, batch))
+            eager = model.recur_then_coda(state, model.prelude(ids, at, pool), 8, at, pool)[1]
+            at = model.positions(starts, sizes, slice(0, batch))
+            fast = stages.recur_then_coda(state, stages.prelude(ids, at, pool), 8, at, pool)[1]
+            call = at.memo["static"]
+            assert call is not None and call.width == max(sizes) and call.dynamic_width == (max(sizes) > 1)
+            valid = at.valid()
+            torch.testing.assert_close(fast[valid], eager[valid], rtol=1e-4, atol=1e-4)
 
 
 def test_the_compiled_graphs_hold_no_complex_tensor(builtin_llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
